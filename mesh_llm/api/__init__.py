@@ -1,0 +1,1 @@
+"""api layer of mesh-llm (see DESIGN.md section 11)."""

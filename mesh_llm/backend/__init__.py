@@ -1,0 +1,1 @@
+"""backend layer of mesh-llm (see DESIGN.md section 11)."""

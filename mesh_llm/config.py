@@ -1,0 +1,202 @@
+"""Configuration: frozen dataclasses, each default written once, built one way.
+
+Precedence is defaults < `~/.mesh-llm/config.toml` (or `$MESH_LLM_HOME/config.toml`) < environment
+(`MESH_LLM_*`) < command-line flags. `load_config` takes the flags and the environment as plain
+mappings so that only `cli.py` touches `os.environ`; nothing else in the project reads the
+environment. Raises `ConfigError` for unknown keys, wrong types and bad values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_type_hints
+
+from mesh_llm.errors import ConfigError
+
+LogFormat = Literal["pretty", "json"]
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """The OpenAI-compatible HTTP API of a node."""
+
+    host: str = "127.0.0.1"
+    port: int = 9337
+    max_body_bytes: int = 16 * 1024 * 1024
+    retry_after_s: int = 5
+    upstream_connect_timeout_s: float = 5.0
+    # Prompt processing of a long prompt on CPU can take minutes before the first byte.
+    first_byte_timeout_s: float = 600.0
+    idle_chunk_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """llama.cpp binaries and the processes the node runs from them."""
+
+    bin_dir: Path | None = None
+    llama_server_path: Path | None = None
+    rpc_server_path: Path | None = None
+    ctx_size: int = 4096
+    threads: int | None = None
+    health_timeout_s: float = 300.0
+    health_poll_interval_s: float = 0.25
+    stop_grace_s: float = 5.0
+    restart_backoff_initial_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+    # A backend that stayed up this long is considered healthy again: backoff resets.
+    restart_backoff_reset_after_s: float = 60.0
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything a node or a subcommand needs; built once by `load_config`."""
+
+    home_dir: Path = field(default_factory=lambda: Path.home() / ".mesh-llm")
+    models_dir: Path = field(default_factory=lambda: Path.home() / ".models")
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "mesh-llm")
+    models: tuple[str, ...] = ()
+    ephemeral_key: bool = False
+    console_port: int = 3131
+    log_format: LogFormat = "pretty"
+    verbose: int = 0
+    shutdown_grace_s: float = 10.0
+    api: ApiConfig = field(default_factory=ApiConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+    @property
+    def key_path(self) -> Path:
+        return self.home_dir / "key"
+
+    @property
+    def mesh_path(self) -> Path:
+        return self.home_dir / "mesh"
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid files of children, swept for stale processes at start."""
+        return self.home_dir / "run"
+
+
+# Environment variable → dotted config key.
+ENV_KEYS: Mapping[str, str] = {
+    "MESH_LLM_MODELS_DIR": "models_dir",
+    "MESH_LLM_CACHE_DIR": "cache_dir",
+    "MESH_LLM_EPHEMERAL_KEY": "ephemeral_key",
+    "MESH_LLM_LOG_FORMAT": "log_format",
+    "MESH_LLM_PORT": "api.port",
+    "MESH_LLM_BIN_DIR": "backend.bin_dir",
+    "MESH_LLM_LLAMA_SERVER": "backend.llama_server_path",
+    "MESH_LLM_RPC_SERVER": "backend.rpc_server_path",
+    "MESH_LLM_CTX_SIZE": "backend.ctx_size",
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def load_config(
+    flags: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the config from defaults, the config file, `env` and `flags` (dotted keys).
+
+    `flags` values of None mean "not given". Raises `ConfigError`.
+    """
+    env = env or {}
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    values: dict[str, object] = {}
+    home = Path(str(flags.get("home_dir") or env.get("MESH_LLM_HOME") or Config().home_dir))
+    values["home_dir"] = home
+    values.update(_read_file(home / "config.toml"))
+    for name, key in ENV_KEYS.items():
+        if name in env:
+            values[key] = env[name]
+    values.update(flags)
+    return _build(Config, values, "")
+
+
+def _read_file(path: Path) -> dict[str, object]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    return dict(_flatten(data, ""))
+
+
+def _flatten(data: Mapping[str, Any], prefix: str) -> list[tuple[str, object]]:
+    items: list[tuple[str, object]] = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key.replace('-', '_')}"
+        if isinstance(value, dict):
+            items.extend(_flatten(value, dotted + "."))
+        else:
+            items.append((dotted, value))
+    return items
+
+
+def _build(cls: type[_T], values: Mapping[str, object], prefix: str) -> _T:
+    hints = get_type_hints(cls)
+    kwargs: dict[str, object] = {}
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in values:
+        if key.startswith(prefix):
+            head = key[len(prefix) :].split(".", 1)[0]
+            if head not in known:
+                raise ConfigError(f"unknown config key {key!r}")
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        hint = hints[f.name]
+        dotted = prefix + f.name
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, values, dotted + ".")  # type: ignore[arg-type]
+        elif dotted in values:
+            kwargs[f.name] = _coerce(dotted, hint, values[dotted])
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, raw: object) -> object:  # noqa: PLR0911 - one branch per type
+    args = [a for a in get_args(hint) if a is not type(None)]
+    base = args[0] if len(args) == 1 and type(None) in get_args(hint) else hint
+    try:
+        if base is Path:
+            return Path(str(raw)).expanduser()
+        if base is bool:
+            return _to_bool(raw)
+        if base is int and not isinstance(raw, bool):
+            return int(str(raw))
+        if base is float and not isinstance(raw, bool):
+            return float(str(raw))
+        if base is str:
+            return str(raw)
+        if getattr(base, "__origin__", None) is tuple:
+            return tuple(str(x) for x in raw) if isinstance(raw, list | tuple) else (str(raw),)
+        if getattr(base, "__origin__", None) is Literal:
+            if raw in get_args(base):
+                return raw
+            raise ValueError(f"expected one of {', '.join(map(str, get_args(base)))}")
+    except ValueError as exc:
+        raise ConfigError(f"bad value for {key}: {raw!r} ({exc})") from exc
+    raise ConfigError(f"bad value for {key}: {raw!r}")
+
+
+def _to_bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("expected true or false")

@@ -1,0 +1,1 @@
+"""core layer of mesh-llm (see DESIGN.md section 11)."""

@@ -1,0 +1,65 @@
+"""The error tree of mesh-llm.
+
+Every error raised on purpose by the project derives from `MeshError`; its `str()` is a
+user-facing sentence that says what happened and what to do. Library exceptions are translated
+into these at the boundary; the CLI turns them into one line and an exit code, the API into
+OpenAI-shaped JSON. Imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Base of every deliberate mesh-llm error; the message is meant for a person."""
+
+
+class ConfigError(MeshError):
+    """Bad configuration: flags, environment or config file."""
+
+
+class IdentityError(MeshError):
+    """The node key or mesh secret on disk cannot be read or is corrupt."""
+
+
+class TokenError(MeshError):
+    """An invite token is malformed, truncated or of another version."""
+
+
+class ModelError(MeshError):
+    """A model cannot be resolved, downloaded or read."""
+
+
+class ModelNotFound(ModelError):
+    """No model matches a name."""
+
+
+class DownloadError(ModelError):
+    """A model download failed (network, hub unreachable, checksum)."""
+
+
+class GGUFError(ModelError):
+    """A file is not a readable GGUF file."""
+
+
+class BackendError(MeshError):
+    """llama.cpp binaries or processes failed."""
+
+
+class BuildError(BackendError):
+    """Building llama.cpp failed; the message names the build log."""
+
+
+class NoHostForModel(MeshError):
+    """No node serves, or can serve yet, the requested model."""
+
+
+class ProtocolError(MeshError):
+    """A peer broke the wire protocol; `code` is the wire error code."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PeerUnavailable(MeshError):
+    """A peer cannot be reached or went away."""

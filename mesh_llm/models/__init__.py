@@ -1,0 +1,1 @@
+"""models layer of mesh-llm (see DESIGN.md section 11)."""

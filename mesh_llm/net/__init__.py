@@ -1,0 +1,1 @@
+"""net layer of mesh-llm (see DESIGN.md section 11)."""

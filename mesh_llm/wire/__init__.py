@@ -1,0 +1,1 @@
+"""wire layer of mesh-llm (see DESIGN.md section 11)."""
