@@ -166,7 +166,7 @@ def _build(cls: type[_T], values: Mapping[str, object], prefix: str) -> _T:
     return cls(**kwargs)
 
 
-def _coerce(key: str, hint: Any, raw: object) -> object:  # noqa: PLR0911 - one branch per type
+def _coerce(key: str, hint: Any, raw: object) -> object:
     args = [a for a in get_args(hint) if a is not type(None)]
     base = args[0] if len(args) == 1 and type(None) in get_args(hint) else hint
     try:

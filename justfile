@@ -1,0 +1,40 @@
+# mesh-llm tasks. `bundle/bootstrap.sh RECIPE` installs everything first on a fresh machine.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := ".venv/bin"
+
+# Create .venv and install mesh-llm with its demo and dev extras.
+setup:
+    bash bundle/bootstrap.sh --version >/dev/null
+
+# Run a solo node on the embedded demo model (builds llama.cpp on first start).
+serve *ARGS:
+    {{venv}}/mesh-llm --model gemma-3-270m {{ARGS}}
+
+# The whole test suite: unit, integration and end-to-end with real llama.cpp.
+test *ARGS:
+    {{venv}}/python -m pytest {{ARGS}}
+
+fmt:
+    {{venv}}/ruff format mesh_llm tests
+
+lint:
+    {{venv}}/ruff check mesh_llm tests
+
+type:
+    {{venv}}/mypy
+
+# Format check, lint, types, tests.
+check:
+    {{venv}}/ruff format --check mesh_llm tests
+    {{venv}}/ruff check mesh_llm tests
+    {{venv}}/mypy
+    {{venv}}/python -m pytest
+
+bench:
+    @echo "no benchmarks yet"
+
+# Build llama.cpp into bundle/bin and pack a release tarball (filled by the bundle issue).
+bundle:
+    @echo "not implemented yet: see the bundle issue" && exit 1

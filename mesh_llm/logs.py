@@ -1,0 +1,64 @@
+"""Logging set-up: pretty (rich) on a terminal, plain lines otherwise, JSON lines on request.
+
+Every state change of note is logged with `extra={"event": name, ...fields}`; the JSON format
+emits those fields, the pretty format shows the message. `-v` turns on DEBUG, which includes
+the output of llama.cpp children.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from mesh_llm.config import LogFormat
+
+_STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+_NOISY_LIBRARIES = ("aiohttp.access", "asyncio", "quic", "filelock", "httpx", "huggingface_hub")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                entry[key] = value if isinstance(value, str | int | float | bool) else str(value)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(log_format: LogFormat, verbose: int) -> None:
+    """Install one handler on the root logger (idempotent)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler: logging.Handler
+    if log_format == "json":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    elif sys.stderr.isatty():
+        handler = RichHandler(console=Console(stderr=True), show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+        )
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose > 0 else logging.INFO)
+    for name in _NOISY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)

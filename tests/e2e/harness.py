@@ -1,0 +1,137 @@
+"""Real `mesh-llm` processes for end-to-end tests: start, wait for readiness, stop by pid.
+
+Each node runs `python -m mesh_llm` with its own home directory and API port on loopback; its
+log goes to a file that failing assertions can show. `stop()` ends only the process it
+started (SIGINT, then SIGKILL after a deadline) and reports what was left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+READY_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 20.0
+POLL_INTERVAL_S = 0.1
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(POLL_INTERVAL_S)
+
+
+def http_status(url: str) -> int | None:
+    """Status of a GET, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+@dataclass
+class MeshProcess:
+    """One `mesh-llm` node process."""
+
+    home: Path
+    args: list[str]
+    port: int = field(default_factory=free_tcp_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "node.log"
+
+    def start(self) -> MeshProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MESH_LLM_HOME": str(self.home)}
+        env.pop("MESH_LLM_PORT", None)
+        argv = [sys.executable, "-m", "mesh_llm", *self.args, "--port", str(self.port)]
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited ({self.proc.returncode}):\n{self.log_text()}")
+            return http_status(self.base_url + "/readyz") == 200
+
+        try:
+            wait_until(ready, timeout_s, f"{self.base_url}/readyz")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- node log ---\n{self.log_text()}") from None
+
+    def descendants(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def llama_server(self) -> psutil.Process:
+        servers = [p for p in self.descendants() if p.name() == "llama-server"]
+        assert len(servers) == 1, f"expected one llama-server child, found {servers}"
+        return servers[0]
+
+    def llama_server_port(self) -> int:
+        cmdline = self.llama_server().cmdline()
+        return int(cmdline[cmdline.index("--port") + 1])
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def stop(self) -> None:
+        """End this node and anything it left, by pid only. Safe to call twice."""
+        if self.proc is None:
+            return
+        children = self.descendants()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass

@@ -1,0 +1,190 @@
+"""End-to-end: one real `mesh-llm` node serving the real demo model with real llama-server.
+
+These are the walking-skeleton promises: 503 while loading, OpenAI chat (plain and streaming)
+through the official client, errors in OpenAI shape, a client disconnect freeing the llama.cpp
+slot, Ctrl-C stopping everything with exit 0, and `kill -9` of the node leaving no llama-server.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from openai import OpenAI
+
+from mesh_llm.backend.build import Binaries
+from tests.e2e.harness import MeshProcess, http_status, wait_until
+
+pytestmark = pytest.mark.e2e
+
+DEMO_MODEL = "gemma-3-270m-q4_k_m"
+PROMPT = [{"role": "user", "content": "Write one sentence about the sea."}]
+
+
+def _node(home: Path, binaries: Binaries, models_dir: Path) -> MeshProcess:
+    args = [
+        "--model",
+        "gemma-3-270m",
+        "--models-dir",
+        str(models_dir),
+        "--bin-dir",
+        str(binaries.llama_server.parent),
+        "--log-format",
+        "json",
+    ]
+    return MeshProcess(home, args)
+
+
+@pytest.fixture(scope="module")
+def solo(
+    tmp_path_factory: pytest.TempPathFactory, llama_binaries: Binaries, demo_models_dir: Path
+) -> Iterator[MeshProcess]:
+    node = _node(tmp_path_factory.mktemp("solo"), llama_binaries, demo_models_dir).start()
+    try:
+        node.wait_ready()
+        yield node
+    finally:
+        node.stop()
+
+
+def _post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:  # type: ignore[type-arg]
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": content_type}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_chat_with_official_client(solo: MeshProcess) -> None:
+    client = OpenAI(base_url=solo.base_url + "/v1", api_key="unused")
+    reply = client.chat.completions.create(model=DEMO_MODEL, messages=PROMPT, max_tokens=24)  # type: ignore[arg-type]
+    text = reply.choices[0].message.content
+    assert text is not None and text.strip(), reply
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+def test_streaming_chat_with_official_client(solo: MeshProcess) -> None:
+    client = OpenAI(base_url=solo.base_url + "/v1", api_key="unused")
+    stream = client.chat.completions.create(
+        model=DEMO_MODEL,
+        messages=PROMPT,  # type: ignore[arg-type]
+        max_tokens=24,
+        stream=True,
+    )
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len(pieces) > 3
+    assert "".join(pieces).strip()
+
+
+def test_raw_sse_ends_with_done(solo: MeshProcess) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", solo.port, timeout=60)
+    body = {"model": DEMO_MODEL, "messages": PROMPT, "max_tokens": 8, "stream": True}
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.getheader("Content-Type", "").startswith("text/event-stream")
+    events = [line for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    connection.close()
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_models_and_errors(solo: MeshProcess) -> None:
+    with urllib.request.urlopen(solo.base_url + "/v1/models", timeout=10) as response:
+        models = json.loads(response.read())
+    assert [m["id"] for m in models["data"]] == [DEMO_MODEL]
+    assert models["data"][0]["meta"]["state"] == "warm"
+
+    status, body = _post(solo.base_url + "/v1/chat/completions", b"{not json")
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+
+    unknown = json.dumps({"model": "nope", "messages": PROMPT}).encode()
+    status, body = _post(solo.base_url + "/v1/chat/completions", unknown)
+    assert status == 404 and DEMO_MODEL in body["error"]["message"]
+
+    # The catalog name is an alias of the served file's model name.
+    alias = json.dumps({"model": "gemma-3-270m", "messages": PROMPT, "max_tokens": 4}).encode()
+    status, body = _post(solo.base_url + "/v1/chat/completions", alias)
+    assert status == 200 and body["choices"][0]["message"]["content"] is not None
+    assert http_status(solo.base_url + "/healthz") == 200
+
+
+def _llama_metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"metric {name} not found")
+
+
+def test_client_disconnect_frees_the_slot(solo: MeshProcess) -> None:
+    port = solo.llama_server_port()
+    connection = http.client.HTTPConnection("127.0.0.1", solo.port, timeout=60)
+    body = {"model": DEMO_MODEL, "messages": PROMPT, "max_tokens": 2000, "stream": True,
+            "ignore_eos": True}
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    for _ in range(3):
+        assert response.readline().startswith(b"data: ") or True
+    assert _llama_metric(port, "llamacpp:requests_processing") == 1
+    connection.close()  # the client goes away mid-generation
+    wait_until(
+        lambda: _llama_metric(port, "llamacpp:requests_processing") == 0,
+        10,
+        "llama-server to drop the abandoned request",
+    )
+
+
+def test_503_while_loading_then_ctrl_c_stops_everything(
+    tmp_path: Path, llama_binaries: Binaries, demo_models_dir: Path
+) -> None:
+    node = _node(tmp_path, llama_binaries, demo_models_dir).start()
+    try:
+        wait_until(lambda: http_status(node.base_url + "/healthz") == 200, 30, "API up")
+        # Right after the API comes up the model is still loading.
+        chat = json.dumps({"model": DEMO_MODEL, "messages": PROMPT}).encode()
+        status, body = _post(node.base_url + "/v1/chat/completions", chat)
+        if status == 503:
+            assert body["error"]["code"] == "model_not_ready"
+            assert "not ready" in body["error"]["message"]
+        else:  # loaded faster than we could ask: still must be a real answer
+            assert status == 200
+        node.wait_ready()
+        server = node.llama_server()
+        node.signal(signal.SIGINT)
+        assert node.wait_exit() == 0
+        wait_until(lambda: not server.is_running(), 5, "llama-server to exit")
+        assert node.descendants() == []
+    finally:
+        node.stop()
+
+
+def test_kill_9_of_node_leaves_no_llama_server(
+    tmp_path: Path, llama_binaries: Binaries, demo_models_dir: Path
+) -> None:
+    node = _node(tmp_path, llama_binaries, demo_models_dir).start()
+    try:
+        node.wait_ready()
+        server = node.llama_server()
+        node.signal(signal.SIGKILL)
+        node.wait_exit()
+
+        def gone() -> bool:
+            try:
+                return server.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_until(gone, 5, f"llama-server pid {server.pid} to die with its node")
+    finally:
+        node.stop()
