@@ -32,8 +32,9 @@ check:
     {{venv}}/mypy
     {{venv}}/python -m pytest
 
+# Benchmarks against direct llama-server, measured in the same run (prints ratios).
 bench:
-    @echo "no benchmarks yet"
+    {{venv}}/python -m tests.bench.bench_solo
 
 # Build llama.cpp into bundle/bin and pack a release tarball (filled by the bundle issue).
 bundle:

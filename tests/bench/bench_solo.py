@@ -1,0 +1,95 @@
+"""Benchmark: the demo model through the mesh-llm API vs direct to its llama-server, same run.
+
+Starts one real node (`mesh-llm --model gemma-3-270m`), then alternates identical streaming
+requests (fixed prompt, temperature 0, `ignore_eos`, fixed token count) sent directly to the
+node's llama-server and through the node's API, and prints medians and ratios: generation
+tokens/s (client-side, after the first token) and time to first token. Run with `just bench`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mesh_llm.backend.build import ensure_binaries
+from mesh_llm.config import BackendConfig, load_config
+from mesh_llm.models.demo import install_demo_model
+from tests.e2e.harness import MeshProcess
+
+ROUNDS = 5
+MAX_TOKENS = 128
+BODY = {
+    "model": "gemma-3-270m-q4_k_m",
+    "messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
+    "max_tokens": MAX_TOKENS,
+    "temperature": 0,
+    "ignore_eos": True,
+    "stream": True,
+}
+
+
+def stream_once(port: int) -> tuple[float, float, int]:
+    """(time to first token s, generation tokens/s after the first token, tokens)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    started = time.perf_counter()
+    connection.request(
+        "POST", "/v1/chat/completions", json.dumps(BODY), {"Content-Type": "application/json"}
+    )
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    first = last = 0.0
+    tokens = 0
+    for raw in response:
+        line = raw.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+            tokens += 1
+            last = time.perf_counter()
+            if tokens == 1:
+                first = last
+    connection.close()
+    return first - started, (tokens - 1) / (last - first), tokens
+
+
+def main() -> int:
+    config = load_config()
+    binaries = ensure_binaries(BackendConfig(), config.cache_dir)
+    with tempfile.TemporaryDirectory(prefix="mesh-llm-bench-") as tmp:
+        models = Path(tmp) / "models"
+        install_demo_model(models, None)
+        args = ["--model", "gemma-3-270m", "--models-dir", str(models)]
+        args += ["--bin-dir", str(binaries.llama_server.parent)]
+        node = MeshProcess(Path(tmp) / "home", args).start()
+        try:
+            node.wait_ready()
+            direct_port = node.llama_server_port()
+            stream_once(direct_port)  # warm-up
+            results: dict[str, list[tuple[float, float, int]]] = {"direct": [], "api": []}
+            for _ in range(ROUNDS):
+                results["direct"].append(stream_once(direct_port))
+                results["api"].append(stream_once(node.port))
+        finally:
+            node.stop()
+    report(results)
+    return 0
+
+
+def report(results: dict[str, list[tuple[float, float, int]]]) -> None:
+    ttft = {k: statistics.median(r[0] for r in v) for k, v in results.items()}
+    tps = {k: statistics.median(r[1] for r in v) for k, v in results.items()}
+    print(f"demo model, {ROUNDS} rounds of {MAX_TOKENS} tokens, streaming, medians:")
+    for key in ("direct", "api"):
+        print(f"  {key:6s}  {tps[key]:6.1f} tokens/s   TTFT {ttft[key] * 1000:7.1f} ms")
+    print(f"  API/direct tokens/s ratio: {tps['api'] / tps['direct']:.3f}")
+    print(f"  API added TTFT: {(ttft['api'] - ttft['direct']) * 1000:+.1f} ms")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
