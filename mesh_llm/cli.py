@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         match args.command:
             case None:
                 if not config.models:
-                    parser.error("nothing to do: pass --model X (see README for the roles)")
+                    parser.error("nothing to do: pass --model X")
                 return run_node(config, console)
             case "models":
                 from mesh_llm.models.commands import show_models
@@ -156,7 +156,7 @@ def doctor(config: Config, console: Console) -> int:
 
     table = Table(title="mesh-llm doctor", show_header=False)
     table.add_column("check", style="bold")
-    table.add_column("result")
+    table.add_column("result", overflow="fold")
     table.add_row("mesh-llm", __version__)
     try:
         binaries = find_binaries(config.backend, config.cache_dir)

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aiohttp
 import psutil
@@ -44,6 +45,7 @@ from mesh_llm.token import InviteToken, encode_token
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 HEALTH_REQUEST_TIMEOUT_S = 2.0
 PROGRESS_LOG_INTERVAL_S = 5.0
 Announce = Callable[[str], None]
@@ -163,8 +165,10 @@ class Node:
     async def _serve(self, slot: _ModelSlot) -> None:
         try:
             slot.status = _status(slot, ModelState.LOADING, "resolving model")
-            model = await asyncio.to_thread(
-                resolve_model, slot.spec, self._config.models_dir, progress=_ProgressLog(slot.spec)
+            model = await run_in_daemon_thread(
+                lambda: resolve_model(
+                    slot.spec, self._config.models_dir, progress=_ProgressLog(slot.spec)
+                )
             )
             slot.aliases = tuple(a for a in {slot.spec, model.path.name} if a != model.name)
             slot.status = ModelStatus(
@@ -183,12 +187,10 @@ class Node:
                     slot, ModelState.LOADING, "building llama.cpp (first start only, ~15 min)"
                 )
                 progress = _ProgressLog("llama.cpp build")
-                self._binaries = await asyncio.to_thread(
-                    ensure_binaries,
-                    self._config.backend,
-                    self._config.cache_dir,
-                    progress,
-                    self._cancel_build,
+                self._binaries = await run_in_daemon_thread(
+                    lambda: ensure_binaries(
+                        self._config.backend, self._config.cache_dir, progress, self._cancel_build
+                    )
                 )
                 log.info(
                     "llama.cpp %s (RPC protocol %s) from %s",
@@ -230,6 +232,32 @@ class Node:
             on_state=on_state,
         )
         await slot.supervisor.run()
+
+
+def run_in_daemon_thread(work: Callable[[], _T]) -> asyncio.Future[_T]:
+    """Run blocking `work` in a daemon thread: a download or build in progress must not keep
+    the process alive after shutdown (the default executor is joined at exit)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]  # None only when error is set
+
+    def target() -> None:
+        try:
+            outcome: tuple[_T | None, BaseException | None] = (work(), None)
+        except BaseException as exc:  # handed to the awaiting task, not swallowed
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=target, daemon=True, name="mesh-llm-blocking").start()
+    return future
 
 
 def _status(slot: _ModelSlot, state: ModelState, reason: str) -> ModelStatus:

@@ -7,6 +7,7 @@ started (SIGINT, then SIGKILL after a deadline) and reports what was left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -131,7 +132,5 @@ class MeshProcess:
                 self.proc.kill()
                 self.proc.wait()
         for child in children:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
-            except psutil.NoSuchProcess:
-                pass

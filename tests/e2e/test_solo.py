@@ -88,7 +88,9 @@ def test_streaming_chat_with_official_client(solo: MeshProcess) -> None:
 def test_raw_sse_ends_with_done(solo: MeshProcess) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", solo.port, timeout=60)
     body = {"model": DEMO_MODEL, "messages": PROMPT, "max_tokens": 8, "stream": True}
-    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    connection.request(
+        "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+    )
     response = connection.getresponse()
     assert response.status == 200
     assert response.getheader("Content-Type", "").startswith("text/event-stream")
@@ -129,9 +131,16 @@ def _llama_metric(port: int, name: str) -> float:
 def test_client_disconnect_frees_the_slot(solo: MeshProcess) -> None:
     port = solo.llama_server_port()
     connection = http.client.HTTPConnection("127.0.0.1", solo.port, timeout=60)
-    body = {"model": DEMO_MODEL, "messages": PROMPT, "max_tokens": 2000, "stream": True,
-            "ignore_eos": True}
-    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    body = {
+        "model": DEMO_MODEL,
+        "messages": PROMPT,
+        "max_tokens": 2000,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    connection.request(
+        "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+    )
     response = connection.getresponse()
     assert response.status == 200
     for _ in range(3):
