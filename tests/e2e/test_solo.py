@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,8 +144,11 @@ def test_client_disconnect_frees_the_slot(solo: MeshProcess) -> None:
     )
     response = connection.getresponse()
     assert response.status == 200
-    for _ in range(3):
-        assert response.readline().startswith(b"data: ") or True
+    events = 0
+    while events < 3:  # a few generated chunks: generation is under way
+        line = response.readline()
+        assert line, "stream ended early"
+        events += line.startswith(b"data: ")
     assert _llama_metric(port, "llamacpp:requests_processing") == 1
     connection.close()  # the client goes away mid-generation
     wait_until(
@@ -154,20 +158,38 @@ def test_client_disconnect_frees_the_slot(solo: MeshProcess) -> None:
     )
 
 
+def _slow_start_bin_dir(tmp_path: Path, binaries: Binaries) -> Path:
+    """A bin dir whose llama-server waits before exec'ing the real one: a long model load."""
+    bin_dir = tmp_path / "slow-bin"
+    bin_dir.mkdir()
+    script = bin_dir / "llama-server"
+    script.write_text(f'#!/bin/sh\nsleep 3\nexec "{binaries.llama_server}" "$@"\n')
+    script.chmod(0o755)
+    return bin_dir
+
+
 def test_503_while_loading_then_ctrl_c_stops_everything(
     tmp_path: Path, llama_binaries: Binaries, demo_models_dir: Path
 ) -> None:
-    node = _node(tmp_path, llama_binaries, demo_models_dir).start()
+    node = _node(tmp_path, llama_binaries, demo_models_dir)
+    node.args[node.args.index("--bin-dir") + 1] = str(_slow_start_bin_dir(tmp_path, llama_binaries))
+    node.start()
     try:
         wait_until(lambda: http_status(node.base_url + "/healthz") == 200, 30, "API up")
-        # Right after the API comes up the model is still loading.
         chat = json.dumps({"model": DEMO_MODEL, "messages": PROMPT}).encode()
-        status, body = _post(node.base_url + "/v1/chat/completions", chat)
-        if status == 503:
-            assert body["error"]["code"] == "model_not_ready"
-            assert "not ready" in body["error"]["message"]
-        else:  # loaded faster than we could ask: still must be a real answer
-            assert status == 200
+        request = urllib.request.Request(
+            node.base_url + "/v1/chat/completions",
+            data=chat,
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 503
+        assert refused.value.headers["Retry-After"] == "5"
+        body = json.loads(refused.value.read())
+        assert body["error"]["code"] == "model_not_ready"
+        assert "not ready" in body["error"]["message"]
+        assert http_status(node.base_url + "/readyz") == 503
         node.wait_ready()
         server = node.llama_server()
         node.signal(signal.SIGINT)
