@@ -44,8 +44,8 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(log_format: LogFormat, verbose: int) -> None:
     """Install one handler on the root logger (idempotent)."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     handler: logging.Handler
     if log_format == "json":
         handler = logging.StreamHandler(sys.stderr)
