@@ -1,0 +1,364 @@
+"""The one module that touches aioquic: a QUIC endpoint on one UDP socket, dialing and accepting.
+
+`QuicEndpoint` binds one UDP socket per node and demultiplexes datagrams by connection id to
+both accepted (server) and dialed (client) connections, so the port in the invite token is also
+the source port of every outgoing connection. TLS 1.3 uses a self-signed certificate made from
+the node key; the dialer pins the node id it expects and checks the peer certificate's key when
+the handshake completes (aioquic has no verification callback). Streams are exposed as
+`QuicStream` objects with bounded receive buffers (aioquic gives no backpressure), readers that
+wake on reset or connection close, and cleanup of per-stream state. The first byte of every
+bidirectional stream is its `StreamType`. Raises `PeerUnavailable` for dial failures and
+`ProtocolError(KEY_MISMATCH)` for a peer with the wrong key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, cast
+
+from aioquic._buffer import Buffer
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic import events
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import NetworkAddress, QuicConnection, stream_is_client_initiated
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from mesh_llm.core.types import NodeId, short_id
+from mesh_llm.errors import PeerUnavailable, ProtocolError
+from mesh_llm.identity import NodeIdentity, make_self_signed_certificate, node_id_from_certificate
+from mesh_llm.wire.messages import ALPN, RefuseCode, StreamType
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT_S = 15.0
+MAX_STREAM_BUFFER_BYTES = 4 * 1024 * 1024
+STREAM_TYPE_TIMEOUT_S = 5.0
+
+StreamHandler = Callable[["QuicPeerConnection", StreamType, "QuicStream"], Awaitable[None]]
+
+
+class StreamReset(ConnectionError):
+    """The peer reset the stream, or the connection closed under it."""
+
+
+class QuicStream:
+    """One bidirectional stream: bounded receive buffer, readers that never hang on reset."""
+
+    def __init__(self, connection: QuicPeerConnection, stream_id: int) -> None:
+        self._connection = connection
+        self.stream_id = stream_id
+        self._buffer = bytearray()
+        self._eof = False
+        self._error: BaseException | None = None
+        self._readable = asyncio.Event()
+        self._write_closed = False
+
+    # -- fed by the connection ---------------------------------------------------------
+
+    def _feed(self, data: bytes, end_stream: bool) -> None:
+        if len(self._buffer) + len(data) > MAX_STREAM_BUFFER_BYTES:
+            self.reset(RefuseCode.PROTOCOL_ERROR)
+            self._fail(StreamReset("receive buffer limit exceeded"))
+            return
+        self._buffer += data
+        self._eof = self._eof or end_stream
+        self._readable.set()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._readable.set()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        """Up to `max_bytes`; b"" at end of stream. Raises `StreamReset`."""
+        while not self._buffer and not self._eof:
+            if self._error is not None:
+                raise self._error
+            self._readable.clear()
+            await self._readable.wait()
+        if self._error is not None and not self._buffer:
+            raise self._error
+        data = bytes(self._buffer[:max_bytes])
+        del self._buffer[:max_bytes]
+        return data
+
+    async def read_exactly(self, count: int) -> bytes:
+        """Exactly `count` bytes; raises `StreamReset` on reset or early end."""
+        out = bytearray()
+        while len(out) < count:
+            chunk = await self.read(count - len(out))
+            if not chunk:
+                raise StreamReset(f"stream ended after {len(out)} of {count} bytes")
+            out += chunk
+        return bytes(out)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def write(self, data: bytes, end_stream: bool = False) -> None:
+        if self._write_closed:
+            return
+        self._connection._send_stream_data(self.stream_id, data, end_stream)
+        self._write_closed = end_stream
+
+    def write_eof(self) -> None:
+        self.write(b"", end_stream=True)
+
+    def reset(self, code: int) -> None:
+        """Abort both directions with an application error code."""
+        self._write_closed = True
+        self._connection._reset_stream(self.stream_id, code)
+
+
+class QuicPeerConnection(QuicConnectionProtocol):
+    """One QUIC connection to a peer, with our own stream handling (no aioquic readers)."""
+
+    def __init__(self, quic: QuicConnection, stream_handler: StreamHandler | None = None) -> None:
+        super().__init__(quic)
+        self._streams: dict[int, QuicStream] = {}
+        self._on_stream = stream_handler
+        self._pending_types: set[asyncio.Task[None]] = set()
+        self.close_reason = ""
+        self.remote_addr: NetworkAddress | None = None
+        self.admitted = False  # set once the hello on its control stream succeeded
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed.is_set()
+
+    def peer_node_id(self) -> NodeId | None:
+        """Node id of the peer's TLS certificate (None when it sent none)."""
+        certificate: x509.Certificate | None = getattr(self._quic.tls, "_peer_certificate", None)
+        return node_id_from_certificate(certificate) if certificate is not None else None
+
+    async def open_stream(self, stream_type: StreamType) -> QuicStream:
+        stream_id = self._quic.get_next_available_stream_id()
+        stream = self._stream(stream_id)
+        stream.write(bytes([stream_type]))
+        return stream
+
+    def close_with(self, code: int, reason: str) -> None:
+        self.close_reason = reason
+        self.close(error_code=code, reason_phrase=reason[:200])
+
+    def _stream(self, stream_id: int) -> QuicStream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            stream = self._streams[stream_id] = QuicStream(self, stream_id)
+        return stream
+
+    def _send_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        if self.is_closed:
+            raise StreamReset("connection closed")
+        self._quic.send_stream_data(stream_id, data, end_stream)
+        if end_stream:
+            self._forget_if_done(stream_id)
+        self._transmit_soon()
+
+    def _reset_stream(self, stream_id: int, code: int) -> None:
+        if not self.is_closed:
+            try:
+                self._quic.reset_stream(stream_id, code)
+                self._quic.stop_stream(stream_id, code)
+            except (AssertionError, ValueError):
+                pass  # already finished in that direction
+            self._transmit_soon()
+        self._streams.pop(stream_id, None)
+
+    def _forget_if_done(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream._eof and stream._write_closed and not stream._buffer:
+            self._streams.pop(stream_id, None)
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            is_new = event.stream_id not in self._streams
+            stream = self._stream(event.stream_id)
+            stream._feed(event.data, event.end_stream)
+            peer_opened = stream_is_client_initiated(event.stream_id) != self._quic._is_client
+            if is_new and peer_opened:
+                self._accept(stream)
+        elif isinstance(event, events.StreamReset):
+            reset = self._streams.pop(event.stream_id, None)
+            if reset is not None:
+                reset._fail(StreamReset(f"stream reset by peer (code {event.error_code})"))
+        elif isinstance(event, events.ConnectionTerminated):
+            self.close_reason = self.close_reason or event.reason_phrase or str(event.error_code)
+            for stream in self._streams.values():
+                stream._fail(StreamReset(f"connection closed: {self.close_reason}"))
+            self._streams.clear()
+
+    def _accept(self, stream: QuicStream) -> None:
+        task = asyncio.get_running_loop().create_task(self._dispatch(stream))
+        self._pending_types.add(task)  # owned here until done; cancelled on close
+        task.add_done_callback(self._pending_types.discard)
+
+    async def _dispatch(self, stream: QuicStream) -> None:
+        try:
+            async with asyncio.timeout(STREAM_TYPE_TIMEOUT_S):
+                first = await stream.read_exactly(1)
+            stream_type = StreamType(first[0])
+        except (StreamReset, TimeoutError):
+            return
+        except ValueError:
+            log.warning("unknown stream type %d from %s: reset", first[0], self.remote_addr)
+            stream.reset(RefuseCode.UNKNOWN_STREAM)
+            return
+        if self._on_stream is None:
+            stream.reset(RefuseCode.UNKNOWN_STREAM)
+            return
+        try:
+            await self._on_stream(self, stream_type, stream)
+        except StreamReset:
+            pass
+        except Exception:
+            log.exception("stream handler failed (%s stream)", stream_type.name)
+            stream.reset(RefuseCode.PROTOCOL_ERROR)
+
+
+def _is_initial(data: bytes, header_type: QuicPacketType) -> bool:
+    return len(data) >= SMALLEST_MAX_DATAGRAM_SIZE and header_type == QuicPacketType.INITIAL
+
+
+class QuicEndpoint(asyncio.DatagramProtocol):
+    """One UDP socket that accepts connections and dials out."""
+
+    def __init__(self, identity: NodeIdentity, stream_handler: StreamHandler) -> None:
+        self._identity = identity
+        self._on_stream = stream_handler
+        self._connections: dict[bytes, QuicPeerConnection] = {}
+        self._transport: asyncio.DatagramTransport | None = None
+        self._accept_handler: Callable[[QuicPeerConnection], None] | None = None
+        certificate_pem, key_pem = make_self_signed_certificate(identity)
+        self._certificate = x509.load_pem_x509_certificate(certificate_pem)
+        self._private_key = serialization.load_pem_private_key(key_pem, password=None)
+
+    @classmethod
+    async def bind(
+        cls,
+        identity: NodeIdentity,
+        host: str,
+        port: int,
+        stream_handler: StreamHandler,
+        on_accept: Callable[[QuicPeerConnection], None],
+    ) -> QuicEndpoint:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise PeerUnavailable(
+                f"cannot bind UDP {host}:{port} ({exc.strerror}); choose another --bind-port"
+            ) from exc
+        _, endpoint = await loop.create_datagram_endpoint(
+            lambda: cls(identity, stream_handler), sock=sock
+        )
+        endpoint._accept_handler = on_accept
+        return endpoint
+
+    @property
+    def port(self) -> int:
+        assert self._transport is not None
+        port: int = self._transport.get_extra_info("sockname")[1]
+        return port
+
+    def _configuration(self, *, is_client: bool) -> QuicConfiguration:
+        configuration = QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            idle_timeout=IDLE_TIMEOUT_S,
+            verify_mode=ssl.CERT_NONE,  # the node id is pinned after the handshake instead
+            max_datagram_frame_size=None,
+        )
+        if not is_client:
+            configuration.certificate = self._certificate
+            configuration.private_key = cast(Any, self._private_key)
+        return configuration
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+        except ValueError:
+            return  # not QUIC: garbage is dropped
+        connection = self._connections.get(header.destination_cid)
+        if connection is None and _is_initial(data, header.packet_type):
+            connection = self._new_connection(
+                QuicConnection(
+                    configuration=self._configuration(is_client=False),
+                    original_destination_connection_id=header.destination_cid,
+                ),
+                extra_cids=(header.destination_cid,),
+            )
+            connection.remote_addr = addr
+            if self._accept_handler is not None:
+                self._accept_handler(connection)
+        if connection is not None:
+            connection.datagram_received(data, addr)
+
+    def _new_connection(
+        self, quic: QuicConnection, extra_cids: tuple[bytes, ...] = ()
+    ) -> QuicPeerConnection:
+        connection = QuicPeerConnection(quic, self._on_stream)
+        connection.connection_made(cast(asyncio.BaseTransport, self._transport))
+        connection._connection_id_issued_handler = partial(self._cid_issued, connection)
+        connection._connection_id_retired_handler = partial(self._cid_retired, connection)
+        connection._connection_terminated_handler = partial(self._terminated, connection)
+        for cid in (*extra_cids, quic.host_cid):
+            self._connections[cid] = connection
+        return connection
+
+    def _cid_issued(self, connection: QuicPeerConnection, cid: bytes) -> None:
+        self._connections[cid] = connection
+
+    def _cid_retired(self, connection: QuicPeerConnection, cid: bytes) -> None:
+        if self._connections.get(cid) is connection:
+            del self._connections[cid]
+
+    def _terminated(self, connection: QuicPeerConnection) -> None:
+        for cid in [c for c, conn in self._connections.items() if conn is connection]:
+            del self._connections[cid]
+
+    async def dial(
+        self, host: str, port: int, expected: NodeId | None, timeout_s: float
+    ) -> QuicPeerConnection:
+        """Connect to host:port; with `expected`, the peer's certificate must carry that key."""
+        addr = (host, port)
+        quic = QuicConnection(configuration=self._configuration(is_client=True))
+        connection = self._new_connection(quic)
+        connection.remote_addr = addr
+        try:
+            async with asyncio.timeout(timeout_s):
+                connection.connect(addr)
+                await connection.wait_connected()
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            connection.close()
+            self._terminated(connection)
+            raise PeerUnavailable(f"cannot reach {host}:{port} over QUIC ({exc!r})") from exc
+        actual = connection.peer_node_id()
+        if expected is not None and actual != expected:
+            connection.close_with(RefuseCode.KEY_MISMATCH, "key mismatch")
+            raise ProtocolError(
+                f"{host}:{port} presented key {short_id(actual or NodeId('?'))}, expected "
+                f"{short_id(expected)}: not the node the token or gossip named",
+                RefuseCode.KEY_MISMATCH,
+            )
+        return connection
+
+    def close(self) -> None:
+        for connection in set(self._connections.values()):
+            connection.close()
+        self._connections.clear()
+        if self._transport is not None:
+            self._transport.close()
