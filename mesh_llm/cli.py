@@ -54,6 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
         "or URL (repeatable: the first is served, the rest are wanted by the mesh)",
     )
     node.add_argument("--port", type=int, help="API port (default 9337)")
+    node.add_argument(
+        "--join", action="append", metavar="TOKEN", help="join the mesh of this invite token"
+    )
+    node.add_argument(
+        "--client",
+        action="store_true",
+        default=None,
+        help="passive client: API only, no model, no GPU, ephemeral key (needs --join)",
+    )
+    node.add_argument("--bind-port", type=int, metavar="P", help="UDP port for QUIC (default any)")
+    node.add_argument(
+        "--advertise",
+        action="append",
+        metavar="ADDR",
+        help="extra host:port to put in the invite token (e.g. a public address)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     models = sub.add_parser("models", help="list the catalog and the models on disk")
     _add_common(models)
@@ -62,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(download)
     doctor = sub.add_parser("doctor", help="check binaries, hardware and ports")
     _add_common(doctor)
+    status = sub.add_parser("status", help="what the running local node sees")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    _add_common(status)
     return parser
 
 
@@ -73,6 +92,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rpc-server-path", type=Path, default=sup)
     parser.add_argument("--log-format", choices=("pretty", "json"), default=sup)
     parser.add_argument("-v", "--verbose", action="count", default=sup, help="more logs (-vv)")
+    parser.add_argument(
+        "--console", type=int, metavar="PORT", default=sup, help="console/status port (3131)"
+    )
 
 
 def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
@@ -85,6 +107,11 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
         "backend.rpc_server_path": getattr(args, "rpc_server_path", None),
         "log_format": getattr(args, "log_format", None),
         "verbose": getattr(args, "verbose", None),
+        "console_port": getattr(args, "console", None),
+        "join": tuple(args.join) if getattr(args, "join", None) else None,
+        "client": getattr(args, "client", None),
+        "net.bind_port": getattr(args, "bind_port", None),
+        "net.advertise": tuple(args.advertise) if getattr(args, "advertise", None) else None,
     }
     return load_config(flags, env)
 
@@ -100,8 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(config.log_format, config.verbose)
         match args.command:
             case None:
-                if not config.models:
-                    parser.error("nothing to do: pass --model X")
+                if not (config.models or config.join):
+                    parser.error("nothing to do: pass --model X or --join TOKEN")
                 return run_node(config, console)
             case "models":
                 from mesh_llm.models.commands import show_models
@@ -113,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return download_model(config, args.name, console)
             case "doctor":
                 return doctor(config, console)
+            case "status":
+                from mesh_llm.status import show_status
+
+                return show_status(config, console, as_json=args.json)
         parser.error(f"unknown command {args.command}")
     except MeshError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
@@ -143,10 +174,17 @@ def run_node(config: Config, console: Console) -> int:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
         await node.run(shutdown)
 
     asyncio.run(amain())
     return EXIT_OK
+
+
+def _dump_tasks() -> None:
+    """SIGUSR1: print every asyncio task's stack to stderr (diagnosing a stuck node)."""
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
 
 
 def doctor(config: Config, console: Console) -> int:

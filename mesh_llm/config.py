@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_type_hints
 
+from mesh_llm.core.mesh import MeshTimings
 from mesh_llm.errors import ConfigError
 
 LogFormat = Literal["pretty", "json"]
@@ -55,6 +56,22 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NetConfig:
+    """The QUIC shell: where it binds, what it advertises, and its named timeouts."""
+
+    bind_host: str = "0.0.0.0"
+    bind_port: int = 0  # 0 = any free port; 7842 is the suggestion for port forwarding
+    advertise: tuple[str, ...] = ()
+    dial_timeout_s: float = 5.0
+    hello_timeout_s: float = 5.0
+    join_backoff_initial_s: float = 1.0
+    join_backoff_max_s: float = 30.0
+    route_refresh_s: float = 10.0
+    route_request_timeout_s: float = 5.0
+    status_request_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything a node or a subcommand needs; built once by `load_config`."""
 
@@ -62,6 +79,8 @@ class Config:
     models_dir: Path = field(default_factory=lambda: Path.home() / ".models")
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "mesh-llm")
     models: tuple[str, ...] = ()
+    join: tuple[str, ...] = ()
+    client: bool = False
     ephemeral_key: bool = False
     console_port: int = 3131
     log_format: LogFormat = "pretty"
@@ -69,6 +88,8 @@ class Config:
     shutdown_grace_s: float = 10.0
     api: ApiConfig = field(default_factory=ApiConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    mesh: MeshTimings = field(default_factory=MeshTimings)
 
     @property
     def key_path(self) -> Path:
@@ -95,6 +116,8 @@ ENV_KEYS: Mapping[str, str] = {
     "MESH_LLM_LLAMA_SERVER": "backend.llama_server_path",
     "MESH_LLM_RPC_SERVER": "backend.rpc_server_path",
     "MESH_LLM_CTX_SIZE": "backend.ctx_size",
+    "MESH_LLM_BIND_PORT": "net.bind_port",
+    "MESH_LLM_CONSOLE_PORT": "console_port",
 }
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -1,87 +1,133 @@
 """The composition root: builds a node from a `Config` and runs it until shutdown.
 
-Startup order (DESIGN.md §2): sweep children left by a dead node → identity → reserve the mesh
-UDP port → mesh secret and invite token → API up (503 until a model is ready) → resolve the
-model (download or assemble, in a thread) → ensure llama.cpp binaries (build once, in a thread)
-→ launch and supervise llama-server. Shutdown: stop accepting API requests, let in-flight
-requests finish within `shutdown_grace_s`, stop children, return. Every task lives in one
-TaskGroup owned by `Node.run`; the shutdown trigger is an injected `asyncio.Event`.
+Startup order (DESIGN.md §2): sweep children left by a dead node → decode join tokens →
+identity → mesh secret (the token's, or this seeder's own) → bind the QUIC port → print the
+invite token → console (management) and API servers up (503 until a model is ready) → mesh
+(gossip, joining) and the local model server (resolve, llama.cpp, llama-server). Shutdown:
+tell the mesh we leave, stop accepting API requests, let in-flight ones finish within
+`shutdown_grace_s`, stop children, return. Every task lives in one TaskGroup owned by
+`Node.run`; the shutdown trigger is an injected `asyncio.Event`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import random
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import aiohttp
 import psutil
 from aiohttp import web
 
+from mesh_llm import __version__
 from mesh_llm.api.app import create_app
-from mesh_llm.backend.build import Binaries, ensure_binaries
-from mesh_llm.backend.llama import LOOPBACK, build_llama_server_argv
-from mesh_llm.backend.process import (
-    ChildSpec,
-    ChildState,
-    HealthCheck,
-    Supervisor,
-    kill_process_group_now,
-    sweep_stale_children,
-)
+from mesh_llm.api.console import create_console_app
+from mesh_llm.backend.hardware import HardwareInfo, detect_hardware
+from mesh_llm.backend.llama import LOOPBACK
+from mesh_llm.backend.process import kill_process_group_now, sweep_stale_children
+from mesh_llm.backend.serving import BinaryProvider, ModelServer, run_in_daemon_thread
 from mesh_llm.config import Config
+from mesh_llm.core.mesh import MeshCore
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName
-from mesh_llm.errors import ConfigError, MeshError
-from mesh_llm.identity import NodeIdentity, load_or_create_identity, load_or_create_mesh
-from mesh_llm.models.resolve import ResolvedModel, resolve_model
-from mesh_llm.token import InviteToken, encode_token
+from mesh_llm.errors import ConfigError
+from mesh_llm.identity import (
+    MeshSecret,
+    NodeIdentity,
+    load_or_create_identity,
+    load_or_create_mesh,
+)
+from mesh_llm.models.resolve import list_local_models
+from mesh_llm.net.peers import PeerManager
+from mesh_llm.token import InviteToken, decode_token, encode_token, format_addr
+from mesh_llm.wire.messages import NodeRecord, Role, ServingInfo
 
 log = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
-HEALTH_REQUEST_TIMEOUT_S = 2.0
-PROGRESS_LOG_INTERVAL_S = 5.0
 Announce = Callable[[str], None]
 
 
-@dataclass(slots=True)
-class _ModelSlot:
-    """Mutable per-model state owned by the node; the API reads snapshots of it."""
-
-    spec: str
-    status: ModelStatus
-    supervisor: Supervisor | None = None
-    aliases: tuple[str, ...] = field(default=())
-
-
 class Node:
-    """One mesh-llm process: API, model, backend; `run()` until `shutdown` is set."""
+    """One mesh-llm process: mesh links, API, console, local model; `run()` until shutdown."""
 
     def __init__(self, config: Config, *, announce: Announce | None = None) -> None:
+        if config.client and config.models:
+            raise ConfigError("--client serves no model: drop --model, or drop --client")
+        if config.client and not config.join:
+            raise ConfigError("--client needs --join TOKEN (the mesh to use)")
         self._config = config
         self._announce = announce or (lambda line: log.info("%s", line))
-        self._slots = [
-            _ModelSlot(spec, ModelStatus(ModelName(spec), ModelState.LOADING, "waiting to start"))
-            for spec in config.models
+        self._tokens = tuple(decode_token(text) for text in config.join)
+        if len({t.mesh_id for t in self._tokens}) > 1:
+            raise ConfigError("the --join tokens belong to different meshes")
+        self._binaries = BinaryProvider(config)
+        self._servers = [
+            ModelServer(spec, config, self._binaries, self._publish) for spec in config.models[:1]
         ]
-        self._binaries: Binaries | None = None
-        self._binaries_lock = asyncio.Lock()
-        self._cancel_build = threading.Event()
+        self._wanted = config.models[1:]
         self.identity: NodeIdentity | None = None
+        self.peers: PeerManager | None = None
         self.token: str | None = None
+        self._hardware: HardwareInfo | None = None
         self.api_url = f"http://{config.api.host}:{config.api.port}/v1"
 
-    # -- ModelDirectory -------------------------------------------------------------------
+    # -- ModelDirectory (API) and StatusSource (console) ---------------------------------
 
     def model_statuses(self) -> Sequence[ModelStatus]:
-        return [slot.status for slot in self._slots]
+        local = [server.status for server in self._servers]
+        known = {s.name for s in local} | {a for s in local for a in s.aliases}
+        remote: dict[str, str] = {}
+        for record in self._known_records():
+            for model, info in record.serving.items():
+                if model not in known and record.node_id != self._node_id():
+                    remote.setdefault(model, record.node_id[:10] if info.ready else "")
+            for model in record.requested_models:
+                remote.setdefault(model, "")
+        for model in self._wanted:
+            remote.setdefault(model, "")
+        statuses = list(local)
+        for model, host in remote.items():
+            if model in known:
+                continue
+            reason = (
+                f"served by node {host}; routing requests across the mesh is not implemented yet"
+                if host
+                else "wanted by the mesh; no node serves it yet"
+            )
+            statuses.append(ModelStatus(ModelName(model), ModelState.LOADING, reason, host=host))
+        return statuses
+
+    def status(self) -> dict[str, Any]:
+        config = self._config
+        hardware = self._hardware
+        binaries = self._binaries.binaries
+        snapshot = self.peers.snapshot() if self.peers is not None else {"peers": [], "clients": 0}
+        return {
+            "node": {
+                "node_id": self._node_id(),
+                "short_id": self.identity.short_id if self.identity else "",
+                "name": socket.gethostname(),
+                "role": self._role(),
+                "client": config.client,
+                "api_url": self.api_url,
+                "mesh_port": self.peers.port if self.peers is not None else None,
+                "vram_bytes": hardware.vram_bytes if hardware else 0,
+                "backend": hardware.backend if hardware else "",
+                "build_id": binaries.build_id if binaries else "",
+                "rpc_protocol": binaries.rpc_protocol if binaries else "",
+                "version": __version__,
+            },
+            "token": self.token,
+            "models": [
+                {"name": m.name, "state": m.state.value, "reason": m.reason, "host": m.host}
+                for m in self.model_statuses()
+            ],
+            "peers": snapshot["peers"],
+            "clients": snapshot["clients"],
+        }
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -90,43 +136,115 @@ class Node:
         config = self._config
         await asyncio.to_thread(sweep_stale_children, config.run_dir)
         self.identity = await asyncio.to_thread(
-            load_or_create_identity, config.key_path, ephemeral=config.ephemeral_key
+            load_or_create_identity,
+            config.key_path,
+            ephemeral=config.ephemeral_key or config.client,
         )
-        with _reserve_udp_port() as mesh_socket:
-            self.token = await self._make_token(mesh_socket.getsockname()[1])
-            runner = await self._start_api()
-            try:
-                async with asyncio.TaskGroup() as group:
-                    serving = [group.create_task(self._serve(slot)) for slot in self._slots[:1]]
-                    for slot in self._slots[1:]:
-                        slot.status = _status(
-                            slot, ModelState.LOADING, "wanted by the mesh; no node serves it yet"
-                        )
-                    await shutdown.wait()
-                    log.info("shutting down", extra={"event": "node_stopping"})
-                    self._cancel_build.set()
-                    await self._drain_api(runner)
-                    await self._stop_backends()
-                    for task in serving:
-                        task.cancel()
-            finally:
+        mesh = await self._mesh_secret()
+        core = None
+        if not config.client:
+            self._hardware = await run_in_daemon_thread(detect_hardware)
+            core = MeshCore(await self._initial_record(), config.mesh, random.Random(), _now())
+        self.peers = PeerManager(self.identity, mesh, core, tokens=self._tokens, timings=config.net)
+        port = await self.peers.bind(config.net.bind_host, config.net.bind_port)
+        addrs = (*config.net.advertise, *(format_addr(ip, port) for ip in _local_addresses()))
+        if core is not None:
+            self.peers.update_self(addrs=addrs)
+            self.token = encode_token(
+                InviteToken(mesh.mesh_id, mesh.secret, self.identity.node_id, addrs)
+            )
+            self._announce(f"Node {self.identity.short_id} — invite token:\n{self.token}")
+        runners = [await self._start_console()]
+        try:
+            runners.append(await self._start_api())
+            async with asyncio.TaskGroup() as group:
+                mesh_task = group.create_task(self.peers.run())
+                serving = [group.create_task(server.run()) for server in self._servers]
+                await shutdown.wait()
+                log.info("shutting down", extra={"event": "node_stopping"})
+                self._binaries.cancel.set()
+                await self.peers.leave()
+                for runner in runners:
+                    for site in list(runner.sites):
+                        await site.stop()  # no new connections; in-flight ones get the grace
+                await asyncio.gather(*(server.stop() for server in self._servers))
+                for task in (*serving, mesh_task):
+                    task.cancel()
+        finally:
+            for runner in runners:
                 await runner.cleanup()
         log.info("node stopped", extra={"event": "node_stopped"})
 
     def kill_children_now(self) -> None:
         """Forced exit path (second signal): SIGKILL every child at once."""
-        for slot in self._slots:
-            pid = slot.supervisor.pid if slot.supervisor else None
+        for server in self._servers:
+            pid = server.supervisor.pid if server.supervisor else None
             if pid is not None:
                 kill_process_group_now(pid)
 
-    async def _make_token(self, mesh_port: int) -> str:
-        assert self.identity is not None
-        mesh = await asyncio.to_thread(load_or_create_mesh, self._config.mesh_path)
-        addrs = tuple(f"{ip}:{mesh_port}" for ip in _local_addresses())
-        token = encode_token(InviteToken(mesh.mesh_id, mesh.secret, self.identity.node_id, addrs))
-        self._announce(f"Node {self.identity.short_id} — invite token:\n{token}")
-        return token
+    # -- helpers --------------------------------------------------------------------------
+
+    def _node_id(self) -> str:
+        return self.identity.node_id if self.identity else ""
+
+    def _role(self) -> str:
+        if self._config.client:
+            return Role.CLIENT.value
+        return Role.SERVING.value if self._servers else Role.STANDBY.value
+
+    def _known_records(self) -> list[NodeRecord]:
+        if self.peers is None:
+            return []
+        if self.peers.is_client:
+            return list(self.peers.routes.records)
+        return list(self.peers.records())
+
+    async def _mesh_secret(self) -> MeshSecret:
+        if self._tokens:
+            return MeshSecret(self._tokens[0].mesh_id, self._tokens[0].secret)
+        return await asyncio.to_thread(load_or_create_mesh, self._config.mesh_path)
+
+    async def _initial_record(self) -> NodeRecord:
+        assert self.identity is not None and self._hardware is not None
+        on_disk = await run_in_daemon_thread(lambda: list_local_models(self._config.models_dir))
+        return NodeRecord(
+            node_id=self.identity.node_id,
+            # Seeded from the wall clock so a restarted node's records are newer in practice;
+            # the core refutes stale copies of itself when the clock went backwards.
+            version=time.time_ns() // 1_000_000,
+            name=socket.gethostname(),
+            role=self._role(),
+            vram_bytes=self._hardware.vram_bytes,
+            backend=self._hardware.backend,
+            models_on_disk={m.name: m.size_bytes for m in on_disk},
+            requested_models=tuple(self._config.models),
+            api_port=self._config.api.port,
+            software_version=__version__,
+        )
+
+    def _publish(self) -> None:
+        """A local model changed state: republish the serving map in our record."""
+        if self.peers is None or self.peers.is_client or self.identity is None:
+            return
+        serving = {
+            s.status.name: ServingInfo(
+                role="host" if s.status.state is ModelState.READY else "loading",
+                ready=s.status.state is ModelState.READY,
+                host=self.identity.node_id,
+            )
+            for s in self._servers
+        }
+        binaries = self._binaries.binaries
+        changes: dict[str, Any] = {"serving": serving}
+        if binaries is not None:
+            changes |= {"build_id": binaries.build_id, "rpc_protocol": binaries.rpc_protocol}
+        self.peers.update_self(**changes)
+
+    async def _start_console(self) -> web.AppRunner:
+        runner = web.AppRunner(create_console_app(self), access_log=None)
+        await runner.setup()
+        await _start_site(runner, LOOPBACK, self._config.console_port, "--console")
+        return runner
 
     async def _start_api(self) -> web.AppRunner:
         api = self._config.api
@@ -137,191 +255,32 @@ class Node:
             shutdown_timeout=self._config.shutdown_grace_s,
         )
         await runner.setup()
-        site = web.TCPSite(runner, api.host, api.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise ConfigError(
-                f"cannot listen on {api.host}:{api.port} ({exc.strerror}); is another mesh-llm "
-                f"running? Stop it or pass --port"
-            ) from exc
-        self._announce(f"OpenAI API: {self.api_url}  (answers 503 until the model is ready)")
+        await _start_site(runner, api.host, api.port, "--port")
+        self._announce(f"OpenAI API: {self.api_url}  (answers 503 until a model is ready)")
         return runner
 
-    async def _drain_api(self, runner: web.AppRunner) -> None:
-        # Closing the sites stops new connections; in-flight handlers get shutdown_grace_s.
-        for site in list(runner.sites):
-            await site.stop()
 
-    async def _stop_backends(self) -> None:
-        async with asyncio.TaskGroup() as group:
-            for slot in self._slots:
-                if slot.supervisor is not None:
-                    group.create_task(slot.supervisor.stop())
-
-    # -- serving one model ----------------------------------------------------------------
-
-    async def _serve(self, slot: _ModelSlot) -> None:
-        try:
-            slot.status = _status(slot, ModelState.LOADING, "resolving model")
-            model = await run_in_daemon_thread(
-                lambda: resolve_model(
-                    slot.spec, self._config.models_dir, progress=_ProgressLog(slot.spec)
-                )
-            )
-            slot.aliases = tuple(a for a in {slot.spec, model.path.name} if a != model.name)
-            slot.status = ModelStatus(
-                model.name, ModelState.LOADING, "preparing llama.cpp", aliases=slot.aliases
-            )
-            binaries = await self._ensure_binaries(slot)
-            await self._supervise(slot, model, binaries)
-        except MeshError as exc:
-            log.error("cannot serve %s: %s", slot.spec, exc, extra={"event": "model_failed"})
-            slot.status = _status(slot, ModelState.FAILED, str(exc))
-
-    async def _ensure_binaries(self, slot: _ModelSlot) -> Binaries:
-        async with self._binaries_lock:
-            if self._binaries is None:
-                slot.status = _status(
-                    slot, ModelState.LOADING, "building llama.cpp (first start only, ~15 min)"
-                )
-                progress = _ProgressLog("llama.cpp build")
-                self._binaries = await run_in_daemon_thread(
-                    lambda: ensure_binaries(
-                        self._config.backend, self._config.cache_dir, progress, self._cancel_build
-                    )
-                )
-                log.info(
-                    "llama.cpp %s (RPC protocol %s) from %s",
-                    self._binaries.build_id,
-                    self._binaries.rpc_protocol,
-                    self._binaries.llama_server.parent,
-                    extra={"event": "binaries_ready", "source": self._binaries.source},
-                )
-            return self._binaries
-
-    async def _supervise(self, slot: _ModelSlot, model: ResolvedModel, binaries: Binaries) -> None:
-        backend = self._config.backend
-        port = _free_tcp_port()
-        argv = build_llama_server_argv(
-            binaries.llama_server,
-            model.path,
-            port,
-            ctx_size=backend.ctx_size,
-            threads=backend.threads,
-            alias=model.name,
-            extra_args=backend.extra_args,
-        )
-        endpoint = f"http://{LOOPBACK}:{port}"
-
-        def on_state(state: ChildState, detail: str) -> None:
-            if state is ChildState.READY:
-                slot.status = ModelStatus(
-                    model.name, ModelState.READY, "", endpoint=endpoint, aliases=slot.aliases
-                )
-                log.info("serving %s at %s", model.name, self.api_url, extra={"event": "ready"})
-            else:
-                slot.status = _status(slot, ModelState.LOADING, detail)
-
-        slot.supervisor = Supervisor(
-            ChildSpec("llama-server", tuple(argv)),
-            health=_health_check(endpoint),
-            config=backend,
-            run_dir=self._config.run_dir,
-            on_state=on_state,
-        )
-        await slot.supervisor.run()
-
-
-def run_in_daemon_thread(work: Callable[[], _T]) -> asyncio.Future[_T]:
-    """Run blocking `work` in a daemon thread: a download or build in progress must not keep
-    the process alive after shutdown (the default executor is joined at exit)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[_T] = loop.create_future()
-
-    def settle(result: _T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]  # None only when error is set
-
-    def target() -> None:
-        try:
-            outcome: tuple[_T | None, BaseException | None] = (work(), None)
-        except BaseException as exc:  # handed to the awaiting task, not swallowed
-            outcome = (None, exc)
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-            loop.call_soon_threadsafe(settle, *outcome)
-
-    threading.Thread(target=target, daemon=True, name="mesh-llm-blocking").start()
-    return future
-
-
-def _status(slot: _ModelSlot, state: ModelState, reason: str) -> ModelStatus:
-    return ModelStatus(slot.status.name, state, reason, aliases=slot.aliases)
-
-
-def _health_check(endpoint: str) -> HealthCheck:
-    async def check() -> bool:
-        timeout = aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S)
-        try:
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.get(endpoint + "/health") as response,
-            ):
-                return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-
-    return check
-
-
-class _ProgressLog:
-    """Turns progress callbacks from worker threads into throttled INFO log lines."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._last = 0.0
-
-    def __call__(self, done: int | str, total: int | None = None) -> None:
-        now = time.monotonic()
-        if now - self._last < PROGRESS_LOG_INTERVAL_S:
-            return
-        self._last = now
-        if isinstance(done, str):
-            log.info("%s: %s", self._what, done, extra={"event": "progress"})
-        elif total:
-            log.info("%s: %.0f%% of %d MB", self._what, 100 * done / total, total >> 20)
-        else:
-            log.info("%s: %d MB", self._what, done >> 20)
-
-
-@contextlib.contextmanager
-def _reserve_udp_port() -> Iterator[socket.socket]:
-    """Bind the mesh's UDP port now so the invite token names a port that stays ours."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+async def _start_site(runner: web.AppRunner, host: str, port: int, flag: str) -> None:
+    site = web.TCPSite(runner, host, port)
     try:
-        sock.bind(("0.0.0.0", 0))
-        yield sock
-    finally:
-        sock.close()
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({exc.strerror}); is another mesh-llm running? "
+            f"Stop it or pass {flag}"
+        ) from exc
 
 
-def _free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _now() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def _local_addresses() -> list[str]:
     """Non-loopback IPv4 addresses of this machine, then loopback."""
-    found: list[str] = []
+    found: set[str] = set()
     for addresses in psutil.net_if_addrs().values():
         for address in addresses:
             if address.family == socket.AF_INET and not address.address.startswith("127."):
-                found.append(address.address)
-    return [*sorted(set(found)), LOOPBACK]
+                found.add(address.address)
+    return [*sorted(found), LOOPBACK]

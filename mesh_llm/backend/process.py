@@ -104,7 +104,8 @@ class Supervisor:
             )
             self._on_state(ChildState.EXITED, f"{self._spec.name} exited with code {code}")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), backoff)
+                async with asyncio.timeout(backoff):  # not wait_for: it can eat a cancel
+                    await self._stopping.wait()
             backoff = min(backoff * 2, self._config.restart_backoff_max_s)
         self._on_state(ChildState.STOPPED, f"{self._spec.name} stopped")
 
@@ -197,7 +198,8 @@ async def terminate_process(proc: asyncio.subprocess.Process, grace_s: float) ->
         return
     _signal_group(proc.pid, signal.SIGTERM)
     try:
-        await asyncio.wait_for(proc.wait(), grace_s)
+        async with asyncio.timeout(grace_s):  # not wait_for: it can eat a cancel on 3.11
+            await proc.wait()
     except TimeoutError:
         log.warning("pid %d did not stop within %.1f s; killing it", proc.pid, grace_s)
         _signal_group(proc.pid, signal.SIGKILL)

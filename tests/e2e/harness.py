@@ -8,6 +8,7 @@ started (SIGINT, then SIGKILL after a deadline) and reports what was left.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -61,6 +63,8 @@ class MeshProcess:
     home: Path
     args: list[str]
     port: int = field(default_factory=free_tcp_port)
+    console_port: int = field(default_factory=free_tcp_port)
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,9 +77,10 @@ class MeshProcess:
 
     def start(self) -> MeshProcess:
         self.home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MESH_LLM_HOME": str(self.home)}
+        env = {**os.environ, "MESH_LLM_HOME": str(self.home), **self.env}
         env.pop("MESH_LLM_PORT", None)
         argv = [sys.executable, "-m", "mesh_llm", *self.args, "--port", str(self.port)]
+        argv += ["--console", str(self.console_port)]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
@@ -94,6 +99,27 @@ class MeshProcess:
             wait_until(ready, timeout_s, f"{self.base_url}/readyz")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- node log ---\n{self.log_text()}") from None
+
+    def status(self) -> dict[str, Any]:
+        """The node's /api/status, or {} while it does not answer."""
+        url = f"http://127.0.0.1:{self.console_port}/api/status"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                data: dict[str, Any] = json.loads(response.read())
+                return data
+        except (urllib.error.URLError, OSError, ValueError):
+            return {}
+
+    def wait_status(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        wait_until(lambda: bool(self.status()), timeout_s, f"status of {self.home.name}")
+        return self.status()
+
+    def peer_ids(self) -> set[str]:
+        return {p["node_id"] for p in self.status().get("peers", [])}
+
+    def node_id(self) -> str:
+        node_id: str = self.wait_status()["node"]["node_id"]
+        return node_id
 
     def descendants(self) -> list[psutil.Process]:
         assert self.proc is not None

@@ -1,0 +1,214 @@
+"""Serving one model locally: resolve it, ensure llama.cpp, run and supervise llama-server.
+
+`ModelServer.run()` walks a model from its spec to a ready llama-server and keeps it running;
+its `status` (a `ModelStatus` for the router) changes along the way and every change calls the
+`on_change` callback (the node republishes its record). `Binaries` are shared between servers
+through `BinaryProvider`, which builds llama.cpp at most once. Blocking work (downloads,
+assembly, builds) runs in daemon threads so that a shutdown never waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import aiohttp
+
+from mesh_llm.backend.build import Binaries, ensure_binaries
+from mesh_llm.backend.llama import LOOPBACK, build_llama_server_argv
+from mesh_llm.backend.process import ChildSpec, ChildState, HealthCheck, Supervisor
+from mesh_llm.config import Config
+from mesh_llm.core.router import ModelState, ModelStatus
+from mesh_llm.core.types import ModelName
+from mesh_llm.errors import MeshError
+from mesh_llm.models.resolve import ResolvedModel, resolve_model
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+HEALTH_REQUEST_TIMEOUT_S = 2.0
+PROGRESS_LOG_INTERVAL_S = 5.0
+
+
+class BinaryProvider:
+    """llama.cpp binaries for every model server of a node, built at most once."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._binaries: Binaries | None = None
+        self._lock = asyncio.Lock()
+        self.cancel = threading.Event()
+
+    @property
+    def binaries(self) -> Binaries | None:
+        return self._binaries
+
+    async def get(self) -> Binaries:
+        async with self._lock:
+            if self._binaries is None:
+                progress = ProgressLog("llama.cpp build")
+                config = self._config
+                self._binaries = await run_in_daemon_thread(
+                    lambda: ensure_binaries(config.backend, config.cache_dir, progress, self.cancel)
+                )
+                log.info(
+                    "llama.cpp %s (RPC protocol %s) from %s",
+                    self._binaries.build_id,
+                    self._binaries.rpc_protocol,
+                    self._binaries.llama_server.parent,
+                    extra={"event": "binaries_ready", "source": self._binaries.source},
+                )
+            return self._binaries
+
+
+class ModelServer:
+    """One model served by this node's own llama-server."""
+
+    def __init__(
+        self,
+        spec: str,
+        config: Config,
+        binaries: BinaryProvider,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.spec = spec
+        self._config = config
+        self._binaries = binaries
+        self._on_change = on_change
+        self._aliases: tuple[str, ...] = ()
+        self.status = ModelStatus(ModelName(spec), ModelState.LOADING, "waiting to start")
+        self.supervisor: Supervisor | None = None
+        self.model: ResolvedModel | None = None
+
+    def _set(self, state: ModelState, reason: str, endpoint: str | None = None) -> None:
+        name = self.model.name if self.model is not None else ModelName(self.spec)
+        self.status = ModelStatus(name, state, reason, endpoint=endpoint, aliases=self._aliases)
+        self._on_change()
+
+    async def run(self) -> None:
+        """Resolve, prepare and supervise until cancelled or `stop()`; failures become status."""
+        try:
+            self._set(ModelState.LOADING, "resolving model")
+            spec, models_dir = self.spec, self._config.models_dir
+            progress = ProgressLog(spec)
+            self.model = await run_in_daemon_thread(
+                lambda: resolve_model(spec, models_dir, progress=progress)
+            )
+            names = {self.spec, self.model.path.name, self.model.path.stem}
+            self._aliases = tuple(sorted(a for a in names if a != self.model.name))
+            self._set(ModelState.LOADING, "preparing llama.cpp (first start builds it, ~5 min)")
+            binaries = await self._binaries.get()
+            await self._supervise(self.model, binaries)
+        except MeshError as exc:
+            log.error("cannot serve %s: %s", self.spec, exc, extra={"event": "model_failed"})
+            self._set(ModelState.FAILED, str(exc))
+
+    async def stop(self) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+
+    async def _supervise(self, model: ResolvedModel, binaries: Binaries) -> None:
+        backend = self._config.backend
+        port = free_tcp_port()
+        argv = build_llama_server_argv(
+            binaries.llama_server,
+            model.path,
+            port,
+            ctx_size=backend.ctx_size,
+            threads=backend.threads,
+            alias=model.name,
+            extra_args=backend.extra_args,
+        )
+        endpoint = f"http://{LOOPBACK}:{port}"
+
+        def on_state(state: ChildState, detail: str) -> None:
+            if state is ChildState.READY:
+                self._set(ModelState.READY, "", endpoint)
+                log.info("serving %s", model.name, extra={"event": "ready", "model": model.name})
+            else:
+                self._set(ModelState.LOADING, detail)
+
+        self.supervisor = Supervisor(
+            ChildSpec("llama-server", tuple(argv)),
+            health=health_check(endpoint),
+            config=backend,
+            run_dir=self._config.run_dir,
+            on_state=on_state,
+        )
+        await self.supervisor.run()
+
+
+def health_check(endpoint: str) -> HealthCheck:
+    """A check that llama-server's `/health` answers 200."""
+
+    async def check() -> bool:
+        timeout = aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(endpoint + "/health") as response,
+            ):
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    return check
+
+
+class ProgressLog:
+    """Turns progress callbacks from worker threads into throttled INFO log lines."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._last = 0.0
+
+    def __call__(self, done: int | str, total: int | None = None) -> None:
+        now = time.monotonic()
+        if now - self._last < PROGRESS_LOG_INTERVAL_S:
+            return
+        self._last = now
+        if isinstance(done, str):
+            log.info("%s: %s", self._what, done, extra={"event": "progress"})
+        elif total:
+            log.info("%s: %.0f%% of %d MB", self._what, 100 * done / total, total >> 20)
+        else:
+            log.info("%s: %d MB", self._what, done >> 20)
+
+
+def run_in_daemon_thread(work: Callable[[], _T]) -> asyncio.Future[_T]:
+    """Run blocking `work` in a daemon thread: a download or build in progress must not keep
+    the process alive after shutdown (the default executor is joined at exit)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]  # None only when error is set
+
+    def target() -> None:
+        try:
+            outcome: tuple[_T | None, BaseException | None] = (work(), None)
+        except BaseException as exc:  # handed to the awaiting task, not swallowed
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=target, daemon=True, name="mesh-llm-blocking").start()
+    return future
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -1,0 +1,78 @@
+"""`mesh-llm status`: ask the running local node what it sees and print it.
+
+Reads `GET /api/status` from the node's management endpoint on the console port (loopback) and
+prints the node, its models and its peers as tables, or the raw JSON with `--json`. Raises
+`PeerUnavailable` when no node answers on that port.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from mesh_llm.config import Config
+from mesh_llm.errors import PeerUnavailable
+
+
+def fetch_status(config: Config) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{config.console_port}/api/status"
+    try:
+        with urllib.request.urlopen(url, timeout=config.net.status_request_timeout_s) as response:
+            data: dict[str, Any] = json.loads(response.read())
+            return data
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise PeerUnavailable(
+            f"no mesh-llm node answers on 127.0.0.1:{config.console_port} ({exc}); is one "
+            f"running here? If it uses another console port, pass --console PORT"
+        ) from exc
+
+
+def show_status(config: Config, console: Console, *, as_json: bool) -> int:
+    status = fetch_status(config)
+    if as_json:
+        console.print_json(json.dumps(status))
+        return 0
+    node = status["node"]
+    console.print(
+        f"[bold]node[/] {node['short_id']} ({node['name']}), role {node['role']}, "
+        f"{_gib(node['vram_bytes'])} {node['backend']}, QUIC port {node['mesh_port']}, "
+        f"API {node['api_url']}",
+        highlight=False,
+    )
+    models = Table(title="models")
+    for column in ("model", "state", "host / reason"):
+        models.add_column(column)
+    for model in status["models"]:
+        models.add_row(model["name"], model["state"], model["reason"] or model["host"])
+    console.print(models)
+    peers = Table(title=f"peers ({len(status['peers'])}; passive clients: {status['clients']})")
+    for column in ("node", "name", "state", "address", "RTT", "role", "VRAM", "on disk", "serving"):
+        peers.add_column(column, overflow="fold")
+    for peer in status["peers"]:
+        record = peer["record"]
+        rtt = f"{peer['rtt_ms']:.1f} ms" if peer["rtt_ms"] is not None else "-"
+        serving = ", ".join(
+            f"{m} ({'ready' if s['ready'] else s['role']})" for m, s in record["serving"].items()
+        )
+        peers.add_row(
+            peer["short_id"],
+            record["name"],
+            peer["state"],
+            peer["address"] or ", ".join(record["addrs"][:2]),
+            rtt,
+            record["role"],
+            _gib(record["vram_bytes"]),
+            ", ".join(record["models_on_disk"]) or "-",
+            serving or "-",
+        )
+    console.print(peers)
+    return 0
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"

@@ -1,0 +1,189 @@
+"""End-to-end mesh: real `mesh-llm` processes on loopback joining through invite tokens.
+
+Three nodes see each other; kill -9 is detected within the liveness goal; a clean leave is
+seen at once; a restarted seeder is re-joined automatically; a wrong secret is refused with a
+reason on both sides; a passive client gets routes without appearing in anyone's peer list.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack  # type: ignore[import-untyped]
+import pytest
+
+from mesh_llm.backend.build import Binaries
+from tests.e2e.harness import MeshProcess, free_tcp_port, wait_until
+
+pytestmark = pytest.mark.e2e
+
+JOIN_TIMEOUT_S = 15.0
+DEAD_GOAL_S = 10.0  # DESIGN.md §5: silent for 10 s ⇒ dead
+
+
+class Mesh:
+    """Processes started by one test; every one is stopped in `close()`."""
+
+    def __init__(self, root: Path, binaries: Binaries, models_dir: Path) -> None:
+        self.root = root
+        self.common = [
+            "--models-dir",
+            str(models_dir),
+            "--bin-dir",
+            str(binaries.llama_server.parent),
+        ]
+        self.nodes: list[MeshProcess] = []
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> MeshProcess:
+        node = MeshProcess(self.root / name, [*args, *self.common, "--log-format", "json"])
+        node.env = env or {}
+        self.nodes.append(node.start())
+        return node
+
+    def seed(self, name: str = "seed", *extra: str) -> tuple[MeshProcess, str]:
+        node = self.start(name, "--model", "gemma-3-270m", *extra)
+        wait_until(lambda: bool(node.status().get("token")), 30, "seed token")
+        return node, node.status()["token"]
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def mesh(tmp_path: Path, llama_binaries: Binaries, demo_models_dir: Path) -> Iterator[Mesh]:
+    group = Mesh(tmp_path, llama_binaries, demo_models_dir)
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+def _sees(node: MeshProcess, others: list[MeshProcess]) -> bool:
+    return {o.node_id() for o in others} <= node.peer_ids()
+
+
+def test_three_nodes_join_and_see_each_other(mesh: Mesh) -> None:
+    seed, token = mesh.seed()
+    a = mesh.start("a", "--join", token)
+    started = time.monotonic()
+    wait_until(lambda: _sees(seed, [a]) and _sees(a, [seed]), JOIN_TIMEOUT_S, "a joined")
+    first_join_s = time.monotonic() - started
+    b = mesh.start("b", "--join", a.wait_status()["token"])  # through the joiner, not the seed
+    wait_until(
+        lambda: _sees(seed, [a, b]) and _sees(a, [seed, b]) and _sees(b, [seed, a]),
+        JOIN_TIMEOUT_S,
+        "full mesh of three",
+    )
+    print(f"join to mutual view: {first_join_s:.2f} s (includes process start)")
+    peers = {p["node_id"]: p for p in b.status()["peers"]}
+    seed_view = peers[seed.node_id()]
+    assert seed_view["state"] == "alive"
+    assert seed_view["record"]["role"] == "serving"
+    assert seed_view["record"]["vram_bytes"] > 0
+    assert "gemma-3-270m-q4_k_m" in seed_view["record"]["models_on_disk"]
+    wait_until(
+        lambda: any(
+            p["record"]["serving"].get("gemma-3-270m-q4_k_m", {}).get("ready")
+            for p in b.status()["peers"]
+        ),
+        60,
+        "the seed's serving map to reach b",
+    )
+    assert seed_view["rtt_ms"] is None or seed_view["rtt_ms"] < 100
+
+
+def test_kill_9_is_detected_and_never_resurrected(mesh: Mesh) -> None:
+    seed, token = mesh.seed()
+    a = mesh.start("a", "--join", token)
+    b = mesh.start("b", "--join", token)
+    wait_until(
+        lambda: _sees(seed, [a, b]) and _sees(a, [b]) and _sees(b, [a]), JOIN_TIMEOUT_S, "mesh"
+    )
+    victim = b.node_id()
+    b.signal(signal.SIGKILL)
+    b.wait_exit()
+    killed = time.monotonic()
+    wait_until(
+        lambda: victim not in seed.peer_ids() and victim not in a.peer_ids(),
+        DEAD_GOAL_S + 3,
+        "survivors to drop the killed node",
+    )
+    detected_s = time.monotonic() - killed
+    print(f"kill -9 to every survivor dropping it: {detected_s:.2f} s")
+    assert detected_s <= DEAD_GOAL_S + 1
+    time.sleep(6)  # several gossip rounds: nobody brings it back
+    assert victim not in seed.peer_ids() and victim not in a.peer_ids()
+
+
+def test_clean_leave_is_seen_at_once(mesh: Mesh) -> None:
+    seed, token = mesh.seed()
+    a = mesh.start("a", "--join", token)
+    wait_until(lambda: _sees(seed, [a]), JOIN_TIMEOUT_S, "a joined")
+    leaver = a.node_id()
+    a.signal(signal.SIGINT)
+    left = time.monotonic()
+    assert a.wait_exit() == 0
+    wait_until(lambda: leaver not in seed.peer_ids(), 3, "seed to drop the leaver")
+    print(f"clean leave seen in {time.monotonic() - left:.2f} s")
+
+
+def test_seeder_restart_re_forms_the_mesh(mesh: Mesh) -> None:
+    port = free_tcp_port()
+    seed, token = mesh.seed("seed", "--bind-port", str(port))
+    a = mesh.start("a", "--join", token)
+    wait_until(lambda: _sees(seed, [a]) and _sees(a, [seed]), JOIN_TIMEOUT_S, "a joined")
+    seed_id = seed.node_id()
+    seed.signal(signal.SIGINT)
+    assert seed.wait_exit() == 0
+    wait_until(lambda: seed_id not in a.peer_ids(), 5, "a to see the seed leave")
+    again = MeshProcess(seed.home, seed.args)  # same home: same key, same mesh secret
+    mesh.nodes.append(again.start())
+    wait_until(
+        lambda: seed_id in a.peer_ids() and a.node_id() in again.peer_ids(),
+        JOIN_TIMEOUT_S + 30,
+        "a to rejoin the restarted seed by itself",
+    )
+
+
+def _forged_token(token: str) -> str:
+    """The same node and addresses, but another mesh secret."""
+    data = msgpack.unpackb(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    data["secret"] = os.urandom(32)
+    return base64.urlsafe_b64encode(msgpack.packb(data, use_bin_type=True)).rstrip(b"=").decode()
+
+
+def test_wrong_secret_is_refused_with_a_reason(mesh: Mesh) -> None:
+    seed, token = mesh.seed()
+    intruder = mesh.start("intruder", "--join", _forged_token(token))
+    wait_until(lambda: "wrong mesh secret" in intruder.log_text(), JOIN_TIMEOUT_S, "refusal logged")
+    wait_until(lambda: "refused" in seed.log_text(), 5, "seed logs the refusal")
+    assert intruder.node_id() not in seed.peer_ids()
+    assert intruder.status()["peers"] == []
+
+
+def test_passive_client_gets_routes_and_stays_invisible(mesh: Mesh) -> None:
+    seed, token = mesh.seed()
+    a = mesh.start("a", "--join", token)
+    wait_until(lambda: _sees(seed, [a]), JOIN_TIMEOUT_S, "a joined")
+    client = mesh.start("client", "--client", "--join", token)
+    wait_until(
+        lambda: {seed.node_id(), a.node_id()} <= client.peer_ids(), JOIN_TIMEOUT_S, "client routes"
+    )
+    status = client.status()
+    assert status["node"]["role"] == "client"
+    assert status["token"] is None
+    client_id = status["node"]["node_id"]
+    wait_until(lambda: seed.status()["clients"] == 1, 5, "seed to count one passive client")
+    assert client_id not in seed.peer_ids() and client_id not in a.peer_ids()
+    # The client learns of models through the routing table.
+    wait_until(
+        lambda: any(m["name"] == "gemma-3-270m-q4_k_m" for m in client.status()["models"]),
+        30,
+        "the served model in the client's view",
+    )
