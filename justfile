@@ -35,6 +35,7 @@ check:
 # Benchmarks against direct llama-server, measured in the same run (prints ratios).
 bench:
     {{venv}}/python -m tests.bench.bench_solo
+    {{venv}}/python -m tests.bench.bench_mesh
 
 # Build llama.cpp into bundle/bin and pack a release tarball (filled by the bundle issue).
 bundle:

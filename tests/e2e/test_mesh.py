@@ -187,3 +187,12 @@ def test_passive_client_gets_routes_and_stays_invisible(mesh: Mesh) -> None:
         30,
         "the served model in the client's view",
     )
+
+
+def test_two_nodes_with_the_same_key_are_detected(mesh: Mesh) -> None:
+    seed, token = mesh.seed()
+    twin = MeshProcess(seed.home, ["--join", token, *mesh.common, "--log-format", "json"])
+    mesh.nodes.append(twin.start())  # same home: the same ~/.mesh-llm/key
+    wait_until(lambda: "uses this node's own key" in twin.log_text(), JOIN_TIMEOUT_S, "refusal")
+    assert "uses this node's own key" in seed.log_text()
+    assert seed.status()["peers"] == []
