@@ -33,13 +33,14 @@ from mesh_llm.config import Config
 from mesh_llm.core.mesh import MeshCore
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName
-from mesh_llm.errors import ConfigError
+from mesh_llm.errors import ConfigError, MeshError
 from mesh_llm.identity import (
     MeshSecret,
     NodeIdentity,
     load_or_create_identity,
     load_or_create_mesh,
 )
+from mesh_llm.models.catalog import find_entry
 from mesh_llm.models.resolve import list_local_models
 from mesh_llm.net.peers import PeerManager
 from mesh_llm.token import InviteToken, decode_token, encode_token, format_addr
@@ -217,7 +218,7 @@ class Node:
             vram_bytes=self._hardware.vram_bytes,
             backend=self._hardware.backend,
             models_on_disk={m.name: m.size_bytes for m in on_disk},
-            requested_models=tuple(self._config.models),
+            requested_models=self._requested_models(),
             api_port=self._config.api.port,
             software_version=__version__,
         )
@@ -235,10 +236,15 @@ class Node:
             for s in self._servers
         }
         binaries = self._binaries.binaries
-        changes: dict[str, Any] = {"serving": serving}
+        changes: dict[str, Any] = {"serving": serving, "requested_models": self._requested_models()}
         if binaries is not None:
             changes |= {"build_id": binaries.build_id, "rpc_protocol": binaries.rpc_protocol}
         self.peers.update_self(**changes)
+
+    def _requested_models(self) -> tuple[str, ...]:
+        """The models this node asks the mesh for, by model name once known."""
+        names = [s.model.name if s.model is not None else s.spec for s in self._servers]
+        return tuple(dict.fromkeys([*names, *(_model_name_of(spec) for spec in self._wanted)]))
 
     async def _start_console(self) -> web.AppRunner:
         runner = web.AppRunner(create_console_app(self), access_log=None)
@@ -270,6 +276,14 @@ async def _start_site(runner: web.AppRunner, host: str, port: int, flag: str) ->
             f"cannot listen on {host}:{port} ({exc.strerror}); is another mesh-llm running? "
             f"Stop it or pass {flag}"
         ) from exc
+
+
+def _model_name_of(spec: str) -> str:
+    """A catalog name's model name (file stem), without touching disk or network."""
+    try:
+        return find_entry(spec).model_name
+    except MeshError:
+        return spec
 
 
 def _now() -> float:

@@ -163,6 +163,7 @@ class PeerManager:
         if self._core is not None:
             self._core.update_self(asyncio.get_running_loop().time(), **changes)
             self._pump()
+            self._notify_clients()
 
     def records(self) -> list[NodeRecord]:
         """Every live record this node knows, its own included (empty for a client)."""
@@ -238,10 +239,14 @@ class PeerManager:
             changed = self._on_event(event) or changed
         self._flush_outbox()
         if changed:
-            for channel in list(self._clients):  # change notice to passive clients
-                with contextlib.suppress(StreamReset):
-                    channel.send(Digest())
+            self._notify_clients()
             self.listeners.notify()
+
+    def _notify_clients(self) -> None:
+        """A change notice to passive clients: they pull the routing table again."""
+        for channel in list(self._clients):
+            with contextlib.suppress(StreamReset):
+                channel.send(Digest())
 
     def _flush_outbox(self) -> None:
         assert self._core is not None
