@@ -1,0 +1,121 @@
+"""In-process mesh shells on loopback: real QUIC, real admission, the real core.
+
+Two `PeerManager`s join through a token and see each other; an admitted peer that sends
+garbage on its control stream is disconnected while the node keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from mesh_llm.config import NetConfig
+from mesh_llm.core.mesh import MeshCore, MeshTimings
+from mesh_llm.identity import MeshSecret, NodeIdentity, new_mesh
+from mesh_llm.net.admission import FramedChannel, admit_outbound
+from mesh_llm.net.peers import PeerManager
+from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
+from mesh_llm.token import InviteToken
+from mesh_llm.wire.messages import NodeRecord, RefuseCode, StreamType
+
+DEADLINE_S = 10.0
+
+
+async def _eventually(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+class Running:
+    def __init__(self, mesh: MeshSecret, tokens: tuple[InviteToken, ...] = ()) -> None:
+        self.identity = NodeIdentity.generate()
+        loop = asyncio.get_running_loop()
+        record = NodeRecord(node_id=self.identity.node_id, version=1, name="test")
+        core = MeshCore(record, MeshTimings(), random.Random(1), loop.time())
+        self.peers = PeerManager(self.identity, mesh, core, tokens=tokens, timings=NetConfig())
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> InviteToken:
+        port = await self.peers.bind("127.0.0.1", 0)
+        self.task = asyncio.get_running_loop().create_task(self.peers.run())
+        addrs = (f"127.0.0.1:{port}",)
+        self.peers.update_self(addrs=addrs)
+        return InviteToken(
+            self.peers._mesh.mesh_id, self.peers._mesh.secret, self.identity.node_id, addrs
+        )
+
+    def peer_ids(self) -> set[str]:
+        return {p["node_id"] for p in self.peers.snapshot()["peers"]}
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            await self.peers.leave()
+            self.task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await self.task
+
+
+@pytest.fixture
+async def seed() -> AsyncIterator[tuple[Running, InviteToken]]:
+    node = Running(new_mesh())
+    token = await node.start()
+    try:
+        yield node, token
+    finally:
+        await node.stop()
+
+
+async def test_two_shells_join_and_see_each_other(seed: tuple[Running, InviteToken]) -> None:
+    node, token = seed
+    joiner = Running(node.peers._mesh, (token,))
+    await joiner.start()
+    try:
+        await _eventually(
+            lambda: (
+                joiner.identity.node_id in node.peer_ids()
+                and node.identity.node_id in joiner.peer_ids()
+            ),
+            "mutual view",
+        )
+    finally:
+        await joiner.stop()
+    await _eventually(lambda: joiner.identity.node_id not in node.peer_ids(), "clean leave")
+
+
+async def test_garbage_after_admission_closes_only_that_connection(
+    seed: tuple[Running, InviteToken],
+) -> None:
+    node, token = seed
+    rogue = NodeIdentity.generate()
+
+    async def no_streams(c: QuicPeerConnection, k: StreamType, s: QuicStream) -> None:
+        s.reset(RefuseCode.UNKNOWN_STREAM)
+
+    endpoint = await QuicEndpoint.bind(rogue, "127.0.0.1", 0, no_streams, lambda _c: None)
+    try:
+        port = int(token.addrs[0].rsplit(":", 1)[1])
+        connection = await endpoint.dial("127.0.0.1", port, node.identity.node_id, DEADLINE_S)
+        channel = FramedChannel(await connection.open_stream(StreamType.CONTROL))
+        await admit_outbound(channel, rogue, node.peers._mesh, expected=node.identity.node_id)
+        await _eventually(lambda: rogue.node_id in node.peers._links, "rogue linked")
+        channel.stream.write(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")  # a frame of garbage
+        await asyncio.wait_for(connection.wait_closed(), DEADLINE_S)
+        assert "msgpack" in connection.close_reason or "frame" in connection.close_reason, (
+            connection.close_reason
+        )
+        await _eventually(lambda: rogue.node_id not in node.peers._links, "rogue dropped")
+        # The node still admits and gossips with a well-behaved joiner.
+        joiner = Running(node.peers._mesh, (token,))
+        await joiner.start()
+        try:
+            await _eventually(lambda: joiner.identity.node_id in node.peer_ids(), "joiner seen")
+        finally:
+            await joiner.stop()
+    finally:
+        endpoint.close()
