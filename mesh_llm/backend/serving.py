@@ -92,7 +92,12 @@ class ModelServer:
         self._on_change()
 
     async def run(self) -> None:
-        """Resolve, prepare and supervise until cancelled or `stop()`; failures become status."""
+        """Prepare, then serve solo until cancelled or `stop()`."""
+        if await self.prepare() is not None:
+            await self.serve()
+
+    async def prepare(self) -> ResolvedModel | None:
+        """Resolve the model and ensure llama.cpp; None (status FAILED) when impossible."""
         try:
             self._set(ModelState.LOADING, "resolving model")
             spec, models_dir = self.spec, self._config.models_dir
@@ -103,8 +108,24 @@ class ModelServer:
             names = {self.spec, self.model.path.name, self.model.path.stem}
             self._aliases = tuple(sorted(a for a in names if a != self.model.name))
             self._set(ModelState.LOADING, "preparing llama.cpp (first start builds it, ~5 min)")
-            binaries = await self._binaries.get()
-            await self._supervise(self.model, binaries)
+            await self._binaries.get()
+        except MeshError as exc:
+            log.error("cannot serve %s: %s", self.spec, exc, extra={"event": "model_failed"})
+            self._set(ModelState.FAILED, str(exc))
+            return None
+        return self.model
+
+    def wait(self, reason: str) -> None:
+        """Not launchable yet (e.g. waiting for peers): the API answers 503 with `reason`."""
+        self._set(ModelState.LOADING, reason)
+
+    async def serve(
+        self, rpc_endpoints: tuple[str, ...] = (), tensor_split: tuple[float, ...] = ()
+    ) -> None:
+        """Run llama-server (optionally split over RPC endpoints) until `stop()`."""
+        assert self.model is not None and self._binaries.binaries is not None, "prepare() first"
+        try:
+            await self._supervise(self.model, self._binaries.binaries, rpc_endpoints, tensor_split)
         except MeshError as exc:
             log.error("cannot serve %s: %s", self.spec, exc, extra={"event": "model_failed"})
             self._set(ModelState.FAILED, str(exc))
@@ -113,7 +134,13 @@ class ModelServer:
         if self.supervisor is not None:
             await self.supervisor.stop()
 
-    async def _supervise(self, model: ResolvedModel, binaries: Binaries) -> None:
+    async def _supervise(
+        self,
+        model: ResolvedModel,
+        binaries: Binaries,
+        rpc_endpoints: tuple[str, ...],
+        tensor_split: tuple[float, ...],
+    ) -> None:
         backend = self._config.backend
         port = free_tcp_port()
         argv = build_llama_server_argv(
@@ -123,14 +150,26 @@ class ModelServer:
             ctx_size=backend.ctx_size,
             threads=backend.threads,
             alias=model.name,
+            rpc_endpoints=rpc_endpoints,
+            tensor_split=tensor_split,
             extra_args=backend.extra_args,
         )
         endpoint = f"http://{LOOPBACK}:{port}"
+        how = (
+            f"split over {len(rpc_endpoints)} rpc worker(s) {tensor_split}"
+            if rpc_endpoints
+            else "solo"
+        )
 
         def on_state(state: ChildState, detail: str) -> None:
             if state is ChildState.READY:
                 self._set(ModelState.READY, "", endpoint)
-                log.info("serving %s", model.name, extra={"event": "ready", "model": model.name})
+                log.info(
+                    "serving %s (%s)",
+                    model.name,
+                    how,
+                    extra={"event": "ready", "model": model.name},
+                )
             else:
                 self._set(ModelState.LOADING, detail)
 

@@ -1,0 +1,71 @@
+"""A supervised `rpc-server` for when this node is a worker in another node's split.
+
+`RpcWorker.run()` starts llama.cpp's rpc-server on a free loopback port (tensor cache on) and
+keeps it running until `stop()`; it is ready when the port accepts TCP connections. Remote hosts
+never reach it directly: the RPC tunnel connects to `port` on their behalf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from mesh_llm.backend.build import Binaries
+from mesh_llm.backend.llama import LOOPBACK, build_rpc_server_argv
+from mesh_llm.backend.process import ChildSpec, ChildState, HealthCheck, Supervisor
+from mesh_llm.backend.serving import free_tcp_port
+from mesh_llm.config import Config
+from mesh_llm.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+PORT_PROBE_TIMEOUT_S = 1.0
+
+
+class RpcWorker:
+    """llama.cpp's rpc-server on 127.0.0.1:`port`, supervised."""
+
+    def __init__(
+        self, config: Config, binaries: Binaries, on_state: Callable[[ChildState, str], None]
+    ) -> None:
+        if binaries.rpc_server is None:
+            raise BackendError(
+                f"no rpc-server next to {binaries.llama_server}; this node cannot be a worker "
+                f"(pass --rpc-server-path)"
+            )
+        self._config = config
+        self.port = free_tcp_port()
+        argv = build_rpc_server_argv(binaries.rpc_server, self.port, threads=config.backend.threads)
+        self.supervisor = Supervisor(
+            ChildSpec("rpc-server", tuple(argv)),
+            health=port_accepts(self.port),
+            config=config.backend,
+            run_dir=config.run_dir,
+            on_state=on_state,
+        )
+
+    async def run(self) -> None:
+        log.info("starting rpc-server on %s:%d", LOOPBACK, self.port, extra={"event": "rpc_start"})
+        await self.supervisor.run()
+
+    async def stop(self) -> None:
+        await self.supervisor.stop()
+
+
+def port_accepts(port: int) -> HealthCheck:
+    """A check that something accepts TCP connections on 127.0.0.1:`port`."""
+
+    async def check() -> bool:
+        try:
+            async with asyncio.timeout(PORT_PROBE_TIMEOUT_S):
+                _, writer = await asyncio.open_connection(LOOPBACK, port)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+    return check
