@@ -75,6 +75,8 @@ class NodeRecord:
     rtt_ms: dict[str, float] = field(default_factory=dict)
     api_port: int = 0
     software_version: str = ""
+    fast_lane_port: int = 0  # direct TCP+TLS lane for RPC traffic (0: none, use QUIC)
+    split_models: tuple[str, ...] = ()  # models this node serves with --split (forced split)
 
 
 # -- admission (control stream, before anything else) ---------------------------------------

@@ -54,6 +54,8 @@ node_records = st.builds(
     rtt_ms=st.dictionaries(texts, finite_floats, max_size=4),
     api_port=ints,
     software_version=texts,
+    fast_lane_port=ints,
+    split_models=st.lists(texts, max_size=3).map(tuple),
 )
 
 record_tuples = st.lists(node_records, max_size=3).map(tuple)
