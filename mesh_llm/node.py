@@ -25,7 +25,7 @@ from aiohttp import web
 from mesh_llm import __version__
 from mesh_llm.api.app import create_app
 from mesh_llm.api.console import create_console_app
-from mesh_llm.backend.hardware import HardwareInfo, detect_hardware
+from mesh_llm.backend.hardware import HardwareInfo, detect_hardware, max_vram_bytes
 from mesh_llm.backend.llama import LOOPBACK
 from mesh_llm.backend.process import kill_process_group_now, sweep_stale_children
 from mesh_llm.backend.serving import BinaryProvider, ModelServer, run_in_daemon_thread
@@ -144,7 +144,8 @@ class Node:
         mesh = await self._mesh_secret()
         core = None
         if not config.client:
-            self._hardware = await run_in_daemon_thread(detect_hardware)
+            cap = max_vram_bytes(config)
+            self._hardware = await run_in_daemon_thread(lambda: detect_hardware(max_vram_bytes=cap))
             core = MeshCore(await self._initial_record(), config.mesh, random.Random(), _now())
         self.peers = PeerManager(self.identity, mesh, core, tokens=self._tokens, timings=config.net)
         port = await self.peers.bind(config.net.bind_host, config.net.bind_port)

@@ -26,6 +26,7 @@ from typing import Literal, Protocol
 
 import psutil
 
+from mesh_llm.config import Config
 from mesh_llm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -292,3 +293,9 @@ def _describe_devices(names: Sequence[str]) -> str:
 
 def _gpus(names: Sequence[str]) -> str:
     return f"{len(names)} GPU" if len(names) == 1 else f"{len(names)} GPUs"
+
+
+def max_vram_bytes(config: Config) -> int | None:
+    """The `--max-vram` cap in bytes (GB = 1e9 bytes), or None."""
+    gb = config.backend.max_vram_gb
+    return None if gb is None else int(gb * 1e9)

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import aiohttp
@@ -26,8 +27,9 @@ from mesh_llm.backend.process import ChildSpec, ChildState, HealthCheck, Supervi
 from mesh_llm.config import Config
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName
-from mesh_llm.errors import MeshError
-from mesh_llm.models.resolve import ResolvedModel, resolve_model
+from mesh_llm.errors import MeshError, ModelError
+from mesh_llm.models.catalog import find_entry, load_catalog
+from mesh_llm.models.resolve import ResolvedModel, list_local_models, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class ModelServer:
         self.status = ModelStatus(ModelName(spec), ModelState.LOADING, "waiting to start")
         self.supervisor: Supervisor | None = None
         self.model: ResolvedModel | None = None
+        self.draft: Path | None = None
 
     def _set(self, state: ModelState, reason: str, endpoint: str | None = None) -> None:
         name = self.model.name if self.model is not None else ModelName(self.spec)
@@ -102,11 +105,13 @@ class ModelServer:
             self._set(ModelState.LOADING, "resolving model")
             spec, models_dir = self.spec, self._config.models_dir
             progress = ProgressLog(spec)
-            self.model = await run_in_daemon_thread(
+            model = await run_in_daemon_thread(
                 lambda: resolve_model(spec, models_dir, progress=progress)
             )
+            self.model = model
             names = {self.spec, self.model.path.name, self.model.path.stem}
             self._aliases = tuple(sorted(a for a in names if a != self.model.name))
+            self.draft = await run_in_daemon_thread(lambda: find_draft(model, self._config))
             self._set(ModelState.LOADING, "preparing llama.cpp (first start builds it, ~5 min)")
             await self._binaries.get()
         except MeshError as exc:
@@ -152,6 +157,7 @@ class ModelServer:
             alias=model.name,
             rpc_endpoints=rpc_endpoints,
             tensor_split=tensor_split,
+            draft_model=self.draft,
             extra_args=backend.extra_args,
         )
         endpoint = f"http://{LOOPBACK}:{port}"
@@ -181,6 +187,36 @@ class ModelServer:
             on_state=on_state,
         )
         await self.supervisor.run()
+
+
+def find_draft(model: ResolvedModel, config: Config) -> Path | None:
+    """The draft model for speculative decoding: `--draft`, else the catalog's draft when it is
+    already on disk; None with `--no-draft`. Raises `ModelError` for a bad `--draft` path."""
+    backend = config.backend
+    if backend.no_draft:
+        return None
+    if backend.draft_path is not None:
+        if not backend.draft_path.is_file():
+            raise ModelError(f"--draft {backend.draft_path} is not a file")
+        return backend.draft_path
+    entry = next((e for e in load_catalog() if e.model_name == model.name), None)
+    if entry is None or entry.draft is None:
+        return None
+    try:
+        draft_name = find_entry(entry.draft).model_name
+    except ModelError:
+        return None
+    for local in list_local_models(config.models_dir):
+        if local.name == draft_name:
+            log.info("using draft model %s for %s", local.name, model.name)
+            return local.path
+    log.info(
+        "draft model %s for %s is not on disk (`mesh-llm download %s` enables it)",
+        draft_name,
+        model.name,
+        entry.draft,
+    )
+    return None
 
 
 def health_check(endpoint: str) -> HealthCheck:

@@ -74,7 +74,8 @@ def test_three_nodes_join_and_see_each_other(mesh: Mesh) -> None:
     started = time.monotonic()
     wait_until(lambda: _sees(seed, [a]) and _sees(a, [seed]), JOIN_TIMEOUT_S, "a joined")
     first_join_s = time.monotonic() - started
-    b = mesh.start("b", "--join", a.wait_status()["token"])  # through the joiner, not the seed
+    # b joins through the joiner, not the seed, and offers at most 1 GB.
+    b = mesh.start("b", "--join", a.wait_status()["token"], "--max-vram", "1")
     wait_until(
         lambda: _sees(seed, [a, b]) and _sees(a, [seed, b]) and _sees(b, [seed, a]),
         JOIN_TIMEOUT_S,
@@ -96,6 +97,8 @@ def test_three_nodes_join_and_see_each_other(mesh: Mesh) -> None:
         "the seed's serving map to reach b",
     )
     assert seed_view["rtt_ms"] is None or seed_view["rtt_ms"] < 100
+    b_view = {p["node_id"]: p for p in seed.status()["peers"]}[b.node_id()]
+    assert b_view["record"]["vram_bytes"] == 1_000_000_000
 
 
 def test_kill_9_is_detected_and_never_resurrected(mesh: Mesh) -> None:
