@@ -112,6 +112,18 @@ class QuicStream:
     def write_eof(self) -> None:
         self.write(b"", end_stream=True)
 
+    def unsent_bytes(self) -> int:
+        """Bytes written but not yet acknowledged: aioquic buffers without bound, so bulk
+        writers wait while this is large (our own backpressure)."""
+        return self._connection._unsent_bytes(self.stream_id)
+
+    async def wait_writable(self, limit_bytes: int, poll_s: float = 0.002) -> None:
+        """Wait until at most `limit_bytes` are in flight; raises `StreamReset` if it dies."""
+        while self.unsent_bytes() > limit_bytes:
+            if self._error is not None or self._connection.is_closed:
+                raise StreamReset("stream closed while writing")
+            await asyncio.sleep(poll_s)
+
     def reset(self, code: int) -> None:
         """Abort both directions with an application error code."""
         self._write_closed = True
@@ -162,6 +174,12 @@ class QuicPeerConnection(QuicConnectionProtocol):
         if end_stream:
             self._forget_if_done(stream_id)
         self._transmit_soon()
+
+    def _unsent_bytes(self, stream_id: int) -> int:
+        quic_stream = self._quic._streams.get(stream_id)
+        if quic_stream is None:
+            return 0
+        return len(quic_stream.sender._buffer)
 
     def _reset_stream(self, stream_id: int, code: int) -> None:
         if not self.is_closed:

@@ -1,0 +1,136 @@
+"""Placement decisions (DESIGN.md §7): fit, host election, workers, tensor split — pure.
+
+Every node runs these functions on the same gossiped records and reaches the same answer, so
+no extra messages are needed. Inputs are `NodeRecord`s and the model's need (weights + KV cache
+for the configured context); outputs are plain dataclasses. Sans-I/O: no clock, no randomness.
+Device order: llama-server lists its `--rpc` devices in the order given; the host's own share
+(its local device, or on a CPU host a local rpc-server listed last) comes after the workers, so
+`tensor_split` is (workers…, host).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from mesh_llm.wire.messages import NodeRecord
+
+FIT_FACTOR = 1.1
+RTT_CAP_MS = 80.0
+GB = 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class ModelNeed:
+    """What a model needs in memory: weights plus KV cache for the configured context."""
+
+    name: str
+    weights_bytes: int
+    kv_cache_bytes: int
+
+    @property
+    def need_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPlan:
+    """Who hosts a model, which workers lend VRAM, the split ratios, or why it waits."""
+
+    model: str
+    host: str | None
+    workers: tuple[str, ...]
+    tensor_split: tuple[float, ...]
+    waiting: str | None = None
+
+
+def fits(vram_bytes: int, need: ModelNeed) -> bool:
+    """A model fits a node when its VRAM is at least 1.1 × (weights + KV cache)."""
+    return vram_bytes >= FIT_FACTOR * need.need_bytes
+
+
+def elect_host(
+    records: Mapping[str, NodeRecord], members: Sequence[str], incumbent: str | None
+) -> str | None:
+    """The incumbent while it is a member (no flapping); else most VRAM, ties by node id."""
+    present = [m for m in members if m in records]
+    if incumbent is not None and incumbent in present:
+        return incumbent
+    if not present:
+        return None
+    return min(present, key=lambda n: (-records[n].vram_bytes, n))
+
+
+def plan_group(
+    model: str,
+    need: ModelNeed,
+    records: Mapping[str, NodeRecord],
+    *,
+    members: Sequence[str],
+    standby: Sequence[str],
+    force_split: bool,
+    incumbent_host: str | None,
+) -> GroupPlan:
+    """The split plan of `model` among `members` (nodes that chose it) and `standby` nodes."""
+    host = elect_host(records, sorted(members), incumbent_host)
+    if host is None:
+        return GroupPlan(model, None, (), (), "no node serves this model")
+    host_record = records[host]
+    if fits(host_record.vram_bytes, need) and not force_split:
+        return GroupPlan(model, host, (), ())
+    candidates = sorted(
+        (n for n in {*members, *standby} if n != host and n in records),
+        key=lambda n: (_rtt(host_record, records[n]), -records[n].vram_bytes, n),
+    )
+    workers: list[str] = []
+    total = host_record.vram_bytes
+    for candidate in candidates:
+        record = records[candidate]
+        if record.rpc_protocol != host_record.rpc_protocol:
+            continue
+        if _rtt(host_record, record) > RTT_CAP_MS:
+            continue
+        if total >= FIT_FACTOR * need.need_bytes and (workers or not force_split):
+            break
+        workers.append(candidate)
+        total += record.vram_bytes
+    if total < FIT_FACTOR * need.need_bytes or (force_split and not workers):
+        wanted = FIT_FACTOR * need.need_bytes / GB
+        return GroupPlan(
+            model,
+            host,
+            tuple(workers),
+            (),
+            f"Waiting for more peers — need {wanted:.1f} GB, have {total / GB:.1f} GB",
+        )
+    ordered = (*workers, host)
+    return GroupPlan(
+        model, host, tuple(workers), split_ratios([records[n].vram_bytes for n in ordered])
+    )
+
+
+def split_ratios(vram: Sequence[int]) -> tuple[float, ...]:
+    """Ratios proportional to VRAM, two decimals, summing to exactly 1.00."""
+    total = sum(vram)
+    if total <= 0:
+        return tuple(round(1 / len(vram), 2) for _ in vram)
+    ratios = [round(v / total, 2) for v in vram]
+    largest = max(range(len(ratios)), key=lambda i: vram[i])
+    ratios[largest] = round(1.0 - sum(r for i, r in enumerate(ratios) if i != largest), 2)
+    return tuple(ratios)
+
+
+def plan_is_stable(old: GroupPlan | None, new: GroupPlan) -> bool:
+    """Same host and same worker set: nothing to restart ("still host, no restart needed")."""
+    return (
+        old is not None
+        and old.host == new.host
+        and set(old.workers) == set(new.workers)
+        and (old.waiting is None and new.waiting is None)
+    )
+
+
+def _rtt(host: NodeRecord, other: NodeRecord) -> float:
+    """RTT between two nodes as either one measured it; unknown counts as 0 (not yet measured)."""
+    value = host.rtt_ms.get(other.node_id, other.rtt_ms.get(host.node_id))
+    return 0.0 if value is None else value

@@ -1,0 +1,138 @@
+"""Placement rules: fit, host election with stickiness, workers by RTT, tensor split."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh_llm.core.planner import (
+    GroupPlan,
+    ModelNeed,
+    elect_host,
+    fits,
+    plan_group,
+    plan_is_stable,
+    split_ratios,
+)
+from mesh_llm.wire.messages import NodeRecord
+
+GB = 10**9
+NEED = ModelNeed("m", 10 * GB, 0)
+
+
+def rec(
+    node_id: str, vram_gb: float, rpc: str = "7.0.0", rtt: dict[str, float] | None = None
+) -> NodeRecord:
+    return NodeRecord(
+        node_id=node_id, version=1, vram_bytes=int(vram_gb * GB), rpc_protocol=rpc, rtt_ms=rtt or {}
+    )
+
+
+def test_fit_needs_ten_percent_headroom() -> None:
+    assert fits(11 * GB, NEED)
+    assert not fits(11 * GB - 1, NEED)
+
+
+def test_host_is_most_vram_then_lowest_id_and_incumbent_sticks() -> None:
+    records = {"a": rec("a", 8), "b": rec("b", 16), "c": rec("c", 16)}
+    assert elect_host(records, ["a", "b", "c"], None) == "b"
+    assert elect_host(records, ["a", "b", "c"], "a") == "a"  # incumbent keeps the role
+    assert elect_host(records, ["b", "c"], "a") == "b"  # the incumbent left
+
+
+def test_model_that_fits_is_solo() -> None:
+    records = {"a": rec("a", 20), "b": rec("b", 5)}
+    plan = plan_group(
+        "m", NEED, records, members=["a", "b"], standby=[], force_split=False, incumbent_host=None
+    )
+    assert plan == GroupPlan("m", "a", (), ())
+
+
+def test_forced_split_orders_workers_then_host() -> None:
+    records = {"h": rec("h", 20), "w": rec("w", 10)}
+    plan = plan_group(
+        "m", NEED, records, members=["h", "w"], standby=[], force_split=True, incumbent_host=None
+    )
+    assert plan.host == "h" and plan.workers == ("w",)
+    assert plan.tensor_split == (0.33, 0.67)
+
+
+def test_small_worker_gets_a_small_share() -> None:
+    records = {"h": rec("h", 47), "w": rec("w", 1)}
+    plan = plan_group(
+        "m", NEED, records, members=["h"], standby=["w"], force_split=True, incumbent_host=None
+    )
+    assert plan.tensor_split == (0.02, 0.98)
+
+
+def test_too_big_waits_with_the_exact_message() -> None:
+    records = {"h": rec("h", 6), "w": rec("w", 2)}
+    plan = plan_group(
+        "m", NEED, records, members=["h"], standby=["w"], force_split=False, incumbent_host=None
+    )
+    assert plan.waiting == "Waiting for more peers — need 11.0 GB, have 8.0 GB"
+    assert plan.tensor_split == ()
+
+
+def test_workers_by_rtt_with_cap_and_protocol() -> None:
+    records = {
+        "h": rec("h", 6, rtt={"near": 5.0, "far": 200.0, "mid": 30.0}),
+        "near": rec("near", 6),
+        "mid": rec("mid", 6),
+        "far": rec("far", 60),
+        "old": rec("old", 60, rpc="6.0.0"),
+    }
+    plan = plan_group(
+        "m",
+        NEED,
+        records,
+        members=["h"],
+        standby=["near", "mid", "far", "old"],
+        force_split=False,
+        incumbent_host=None,
+    )
+    assert plan.workers == ("near",)
+    assert plan.waiting is None
+
+
+def test_stability() -> None:
+    plan = GroupPlan("m", "h", ("a", "b"), (0.3, 0.3, 0.4))
+    assert plan_is_stable(plan, GroupPlan("m", "h", ("b", "a"), (0.3, 0.3, 0.4)))
+    assert not plan_is_stable(plan, GroupPlan("m", "h", ("a",), (0.5, 0.5)))
+    assert not plan_is_stable(None, plan)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10**12), min_size=1, max_size=8))
+def test_split_ratios_sum_to_one(vram: list[int]) -> None:
+    ratios = split_ratios(vram)
+    assert len(ratios) == len(vram)
+    assert all(r >= 0 for r in ratios)
+    assert sum(ratios) == pytest.approx(1.0, abs=1e-9)
+
+
+@given(
+    st.integers(min_value=0, max_value=1000),
+    st.lists(st.floats(min_value=1, max_value=64), min_size=2, max_size=6),
+)
+def test_all_nodes_agree_whatever_the_order(seed: int, vrams: list[float]) -> None:
+    records = {f"n{i}": rec(f"n{i}", v) for i, v in enumerate(vrams)}
+    members = list(records)
+    shuffled = members[:]
+    random.Random(seed).shuffle(shuffled)
+    reordered = {k: records[k] for k in shuffled}
+    args = dict(standby=[], force_split=True, incumbent_host=None)
+    assert plan_group("m", NEED, records, members=members, **args) == plan_group(
+        "m", NEED, reordered, members=shuffled, **args
+    )  # type: ignore[arg-type]
+
+
+@given(st.floats(min_value=-0.01, max_value=0.01))
+def test_vram_jitter_never_moves_an_incumbent(jitter: float) -> None:
+    records = {"h": rec("h", 10), "big": rec("big", 10 * (1 + jitter) + 0.1)}
+    plan = plan_group(
+        "m", NEED, records, members=["h", "big"], standby=[], force_split=True, incumbent_host="h"
+    )
+    assert plan.host == "h"
