@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="passive client: API only, no model, no GPU, ephemeral key (needs --join)",
     )
     node.add_argument(
+        "--split",
+        action="store_true",
+        default=None,
+        help="split the model over rpc workers even when it fits this node",
+    )
+    node.add_argument(
         "--max-vram", type=float, metavar="GB", help="cap the VRAM this node offers (GB, 1e9 B)"
     )
     node.add_argument(
@@ -121,6 +127,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
         "client": getattr(args, "client", None),
         "net.bind_port": getattr(args, "bind_port", None),
         "backend.max_vram_gb": getattr(args, "max_vram", None),
+        "backend.split": getattr(args, "split", None),
         "backend.draft_path": getattr(args, "draft", None),
         "backend.no_draft": getattr(args, "no_draft", None),
         "net.advertise": tuple(args.advertise) if getattr(args, "advertise", None) else None,

@@ -43,8 +43,10 @@ from mesh_llm.identity import (
 from mesh_llm.models.catalog import find_entry
 from mesh_llm.models.resolve import list_local_models
 from mesh_llm.net.peers import PeerManager
+from mesh_llm.net.rpc_tunnel import QuicRpcTunnels
+from mesh_llm.placement import Placement
 from mesh_llm.token import InviteToken, decode_token, encode_token, format_addr
-from mesh_llm.wire.messages import NodeRecord, Role, ServingInfo
+from mesh_llm.wire.messages import NodeRecord, Role
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,10 @@ class Node:
             raise ConfigError("the --join tokens belong to different meshes")
         self._binaries = BinaryProvider(config)
         self._servers = [
-            ModelServer(spec, config, self._binaries, self._publish) for spec in config.models[:1]
+            ModelServer(spec, config, self._binaries, self._on_local_change)
+            for spec in config.models[:1]
         ]
+        self._placement: Placement | None = None
         self._wanted = config.models[1:]
         self.identity: NodeIdentity | None = None
         self.peers: PeerManager | None = None
@@ -148,6 +152,7 @@ class Node:
             self._hardware = await run_in_daemon_thread(lambda: detect_hardware(max_vram_bytes=cap))
             core = MeshCore(await self._initial_record(), config.mesh, random.Random(), _now())
         self.peers = PeerManager(self.identity, mesh, core, tokens=self._tokens, timings=config.net)
+        self._tunnels = QuicRpcTunnels(self.peers.connection_of)
         port = await self.peers.bind(config.net.bind_host, config.net.bind_port)
         addrs = (*config.net.advertise, *(format_addr(ip, port) for ip in _local_addresses()))
         if core is not None:
@@ -161,7 +166,20 @@ class Node:
             runners.append(await self._start_api())
             async with asyncio.TaskGroup() as group:
                 mesh_task = group.create_task(self.peers.run())
-                serving = [group.create_task(server.run()) for server in self._servers]
+                serving = []
+                if core is not None:
+                    self._placement = Placement(
+                        self.identity.node_id,
+                        config,
+                        self.peers,
+                        self._servers[0] if self._servers else None,
+                        self._binaries,
+                        self._tunnels,
+                    )
+                    self.peers.listeners.on_change.append(self._placement.notify)
+                    placement = self._placement
+                    self.peers.rpc_port = lambda: placement.rpc_port
+                    serving.append(group.create_task(self._placement.run()))
                 await shutdown.wait()
                 log.info("shutting down", extra={"event": "node_stopping"})
                 self._binaries.cancel.set()
@@ -169,7 +187,9 @@ class Node:
                 for runner in runners:
                     for site in list(runner.sites):
                         await site.stop()  # no new connections; in-flight ones get the grace
-                await asyncio.gather(*(server.stop() for server in self._servers))
+                if self._placement is not None:
+                    await self._placement.stop()
+                await self._tunnels.close_all()
                 for task in (*serving, mesh_task):
                     task.cancel()
         finally:
@@ -224,23 +244,16 @@ class Node:
             software_version=__version__,
         )
 
-    def _publish(self) -> None:
-        """A local model changed state: republish the serving map in our record."""
-        if self.peers is None or self.peers.is_client or self.identity is None:
-            return
-        serving = {
-            s.status.name: ServingInfo(
-                role="host" if s.status.state is ModelState.READY else "loading",
-                ready=s.status.state is ModelState.READY,
-                host=self.identity.node_id,
-            )
-            for s in self._servers
-        }
-        binaries = self._binaries.binaries
-        changes: dict[str, Any] = {"serving": serving, "requested_models": self._requested_models()}
-        if binaries is not None:
-            changes |= {"build_id": binaries.build_id, "rpc_protocol": binaries.rpc_protocol}
-        self.peers.update_self(**changes)
+    def _on_local_change(self) -> None:
+        """A local model changed state: republish and re-plan."""
+        if self._placement is not None:
+            self._placement.on_local_change()
+        if self.peers is not None and not self.peers.is_client:
+            changes: dict[str, Any] = {"requested_models": self._requested_models()}
+            binaries = self._binaries.binaries
+            if binaries is not None:
+                changes |= {"build_id": binaries.build_id, "rpc_protocol": binaries.rpc_protocol}
+            self.peers.update_self(**changes)
 
     def _requested_models(self) -> tuple[str, ...]:
         """The models this node asks the mesh for, by model name once known."""

@@ -91,8 +91,10 @@ class ModelServer:
 
     def _set(self, state: ModelState, reason: str, endpoint: str | None = None) -> None:
         name = self.model.name if self.model is not None else ModelName(self.spec)
-        self.status = ModelStatus(name, state, reason, endpoint=endpoint, aliases=self._aliases)
-        self._on_change()
+        status = ModelStatus(name, state, reason, endpoint=endpoint, aliases=self._aliases)
+        if status != self.status:  # re-planning repeats states: only real changes propagate
+            self.status = status
+            self._on_change()
 
     async def run(self) -> None:
         """Prepare, then serve solo until cancelled or `stop()`."""

@@ -44,6 +44,7 @@ from mesh_llm.net.admission import (
     admit_outbound,
 )
 from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream, StreamReset
+from mesh_llm.net.rpc_tunnel import serve_rpc_stream
 from mesh_llm.token import InviteToken, parse_addr
 from mesh_llm.wire.codec import DecodeError
 from mesh_llm.wire.messages import (
@@ -114,6 +115,7 @@ class PeerManager:
         self._stopping = False
         self.routes = RouteTable()
         self.listeners = _Listeners()
+        self.rpc_port: Callable[[], int | None] = lambda: None  # set when this node is a worker
 
     @property
     def is_client(self) -> bool:
@@ -164,6 +166,10 @@ class PeerManager:
             self._core.update_self(asyncio.get_running_loop().time(), **changes)
             self._pump()
             self._notify_clients()
+
+    def connection_of(self, node_id: NodeId) -> QuicPeerConnection | None:
+        link = self._links.get(node_id)
+        return link.connection if link is not None else None
 
     def records(self) -> list[NodeRecord]:
         """Every live record this node knows, its own included (empty for a client)."""
@@ -377,7 +383,12 @@ class PeerManager:
                 await self._accept_control(connection, FramedChannel(stream))
             case StreamType.ROUTES:
                 await self._answer_routes(connection, FramedChannel(stream))
-            case StreamType.RPC | StreamType.HTTP:
+            case StreamType.RPC:
+                if not connection.admitted or self._core is None:
+                    stream.reset(RefuseCode.PROTOCOL_ERROR)
+                    return
+                await serve_rpc_stream(stream, self.rpc_port())
+            case StreamType.HTTP:
                 stream.reset(RefuseCode.UNKNOWN_STREAM)
             case _:
                 assert_never(kind)
