@@ -495,6 +495,7 @@ class PeerManager:
                     raise  # a refusal is final for this attempt: wrong secret or key
                 errors.append(f"{addr}: no hello answer ({exc!r})")
                 continue
+            connection.admitted = True
             return _Link(peer, connection, channel, dialer=self._identity.node_id)
         raise PeerUnavailable("; ".join(errors) or "no address to dial")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
+from openai import OpenAI
 
 from mesh_llm.backend.build import Binaries
 from tests.e2e.harness import MeshProcess, free_tcp_port, wait_until
@@ -199,3 +200,27 @@ def test_two_nodes_with_the_same_key_are_detected(mesh: Mesh) -> None:
     wait_until(lambda: "uses this node's own key" in twin.log_text(), JOIN_TIMEOUT_S, "refusal")
     assert "uses this node's own key" in seed.log_text()
     assert seed.status()["peers"] == []
+
+
+def test_forced_split_serves_through_the_rpc_tunnel(mesh: Mesh) -> None:
+    """Scenario 3: the node with more VRAM hosts, the other lends VRAM through an rpc-server."""
+    seed, token = mesh.seed("seed", "--split")
+    worker = mesh.start("worker", "--model", "gemma-3-270m", "--join", token, "--max-vram", "1")
+    seed.wait_ready(timeout_s=240)
+    server = seed.llama_server()
+    argv = server.cmdline()
+    rpc = argv[argv.index("--rpc") + 1].split(",")
+    split = [float(x) for x in argv[argv.index("--tensor-split") + 1].split(",")]
+    assert len(rpc) == 2 and len(split) == 2  # the worker's tunnel, then the host's own share
+    assert split[0] < 0.1 < 0.9 < split[1] and abs(sum(split) - 1) < 1e-9
+    assert [p.name() for p in worker.descendants()] == ["ggml-rpc-server"]
+    status = seed.status()
+    roles = {p["short_id"]: p["record"]["serving"] for p in status["peers"]}
+    assert any(s.get("gemma-3-270m-q4_k_m", {}).get("role") == "worker" for s in roles.values())
+    client = OpenAI(base_url=seed.base_url + "/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model="gemma-3-270m-q4_k_m",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+    )
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
