@@ -88,6 +88,12 @@ class Placement:
             if self._server is not None and await self._server.prepare() is not None:
                 self._need = await run_in_daemon_thread(self._measure_need)
                 self._publish()
+            elif self._server is None:
+                # A standby node is a worker candidate: hosts pair only matching RPC protocols.
+                binaries = await self._binaries.get()
+                self._mesh.update_self(
+                    build_id=binaries.build_id, rpc_protocol=binaries.rpc_protocol
+                )
             while True:
                 await self._changed.wait()
                 await asyncio.sleep(REPLAN_DEBOUNCE_S)

@@ -94,6 +94,8 @@ def plan_group(
             break
         workers.append(candidate)
         total += record.vram_bytes
+    if force_split and not workers and fits(host_record.vram_bytes, need):
+        return GroupPlan(model, host, (), ())  # nobody to split with (yet): serve solo meanwhile
     if total < FIT_FACTOR * need.need_bytes or (force_split and not workers):
         wanted = FIT_FACTOR * need.need_bytes / GB
         return GroupPlan(

@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack  # type: ignore[import-untyped]
+import psutil
 import pytest
 from openai import OpenAI
 
 from mesh_llm.backend.build import Binaries
-from tests.e2e.harness import MeshProcess, free_tcp_port, wait_until
+from tests.e2e.harness import MeshProcess, free_tcp_port, http_status, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -224,3 +225,40 @@ def test_forced_split_serves_through_the_rpc_tunnel(mesh: Mesh) -> None:
         max_tokens=8,
     )
     assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+def test_model_too_big_waits_then_splits_when_vram_joins(mesh: Mesh) -> None:
+    """Scenario 4: not enough VRAM ⇒ 503 with the reason; a standby node joins ⇒ split."""
+    seed, token = mesh.seed("seed", "--max-vram", "0.2")
+    wait_until(lambda: "Waiting for more peers" in seed.log_text(), 60, "waiting message")
+    status = http_status(seed.base_url + "/readyz")
+    assert status == 503
+    reasons = [m["reason"] for m in seed.status()["models"]]
+    assert any(r.startswith("Waiting for more peers — need 0.4 GB, have 0.2 GB") for r in reasons)
+    mesh.start("helper", "--join", token)  # no --model: standby, so a worker candidate
+    seed.wait_ready(timeout_s=120)
+    argv = seed.llama_server().cmdline()
+    assert "--rpc" in argv and "--tensor-split" in argv
+
+
+def test_worker_death_replans_to_solo(mesh: Mesh) -> None:
+    seed, token = mesh.seed("seed", "--split")
+    worker = mesh.start("worker", "--join", token)  # standby worker
+    wait_until(lambda: "--rpc" in _llama_argv(seed), 120, "a split llama-server")
+    first = seed.llama_server().pid
+    worker.signal(signal.SIGKILL)
+    worker.wait_exit()
+    wait_until(
+        lambda: "--rpc" not in _llama_argv(seed) and http_status(seed.base_url + "/readyz") == 200,
+        40,
+        "the host to re-plan solo and serve again",
+    )
+    assert seed.llama_server().pid != first
+
+
+def _llama_argv(node: MeshProcess) -> list[str]:
+    servers = [p for p in node.descendants() if p.name() == "llama-server"]
+    try:
+        return servers[0].cmdline() if len(servers) == 1 else []
+    except psutil.NoSuchProcess:
+        return []

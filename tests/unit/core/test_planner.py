@@ -136,3 +136,11 @@ def test_vram_jitter_never_moves_an_incumbent(jitter: float) -> None:
         "m", NEED, records, members=["h", "big"], standby=[], force_split=True, incumbent_host="h"
     )
     assert plan.host == "h"
+
+
+def test_forced_split_without_any_worker_serves_solo_if_it_fits() -> None:
+    records = {"h": rec("h", 20)}
+    plan = plan_group(
+        "m", NEED, records, members=["h"], standby=[], force_split=True, incumbent_host="h"
+    )
+    assert plan == GroupPlan("m", "h", (), ())
