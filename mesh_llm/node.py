@@ -175,6 +175,7 @@ class Node:
                         self._servers[0] if self._servers else None,
                         self._binaries,
                         self._tunnels,
+                        make_server=self._assigned_server,
                     )
                     self.peers.listeners.on_change.append(self._placement.notify)
                     placement = self._placement
@@ -254,6 +255,12 @@ class Node:
             if binaries is not None:
                 changes |= {"build_id": binaries.build_id, "rpc_protocol": binaries.rpc_protocol}
             self.peers.update_self(**changes)
+
+    def _assigned_server(self, model: str) -> ModelServer:
+        """A server for a model the mesh assigned to this node (it had no --model)."""
+        server = ModelServer(model, self._config, self._binaries, self._on_local_change)
+        self._servers.append(server)
+        return server
 
     def _requested_models(self) -> tuple[str, ...]:
         """The models this node asks the mesh for, by model name once known."""

@@ -13,14 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from mesh_llm.backend.process import ChildState
 from mesh_llm.backend.rpc_worker import RpcWorker
 from mesh_llm.backend.serving import BinaryProvider, ModelServer, run_in_daemon_thread
 from mesh_llm.config import Config
-from mesh_llm.core.planner import GroupPlan, ModelNeed, fits, plan_group, plan_is_stable
+from mesh_llm.core.planner import (
+    GroupPlan,
+    ModelNeed,
+    assign_model,
+    fits,
+    plan_group,
+    plan_is_stable,
+)
 from mesh_llm.core.types import NodeId, short_id
 from mesh_llm.models.gguf import estimate_kv_cache_bytes, read_gguf_info
 from mesh_llm.wire.messages import NodeRecord, ServingInfo
@@ -54,8 +61,11 @@ class Placement:
         server: ModelServer | None,
         binaries: BinaryProvider,
         tunnels: Tunnels,
+        make_server: Callable[[str], ModelServer] | None = None,
     ) -> None:
         self._id = node_id
+        self._make_server = make_server
+        self._said_standby = False
         self._config = config
         self._mesh = mesh
         self._server = server
@@ -123,12 +133,35 @@ class Placement:
     async def _replan(self) -> None:
         records = self._records()
         await self._apply_worker_role(records)
+        if self._server is None and self._worker_for is None:
+            await self._maybe_assign(records)
         if self._server is None or self._need is None or self._server.model is None:
             return
         if self._worker_for is not None:
             return  # a worker in another host's split does not serve its own copy
         plan = self._plan_own_group(records)
         await self._apply_host_role(plan, records)
+
+    async def _maybe_assign(self, records: Mapping[str, NodeRecord]) -> None:
+        """A node without --model takes a wanted, unserved model it has on disk (DESIGN §7)."""
+        if self._make_server is None or len(records) < 2:
+            return
+        choice = assign_model(self._id, records)
+        if choice is None:
+            if not self._said_standby:
+                log.info("No unserved model fits — standing by as a worker")
+                self._said_standby = True
+            return
+        log.info(
+            "Assigned to serve %s (needed by mesh, already on disk)",
+            choice,
+            extra={"event": "assigned", "model": choice},
+        )
+        self._server = self._make_server(choice)
+        self._mesh.update_self(role="serving")
+        if await self._server.prepare() is not None:
+            self._need = await run_in_daemon_thread(self._measure_need)
+            self._publish()
 
     def _plan_own_group(self, records: Mapping[str, NodeRecord]) -> GroupPlan:
         assert self._need is not None

@@ -10,6 +10,7 @@ Device order: llama-server lists its `--rpc` devices in the order given; the hos
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -136,3 +137,22 @@ def _rtt(host: NodeRecord, other: NodeRecord) -> float:
     """RTT between two nodes as either one measured it; unknown counts as 0 (not yet measured)."""
     value = host.rtt_ms.get(other.node_id, other.rtt_ms.get(host.node_id))
     return 0.0 if value is None else value
+
+
+def assign_model(self_id: str, records: Mapping[str, NodeRecord]) -> str | None:
+    """For a node without --model: a model the mesh requests that nobody serves yet, that is on
+    this node's disk and fits its VRAM (weights only: the KV cache is unknown before reading the
+    file). Concurrent joiners spread over the candidates by a hash of their node id."""
+    me = records.get(self_id)
+    if me is None:
+        return None
+    requested = {m for r in records.values() for m in r.requested_models}
+    served = {m for r in records.values() for m, info in r.serving.items() if info.role != "worker"}
+    candidates = sorted(
+        m
+        for m in requested - served
+        if m in me.models_on_disk and fits(me.vram_bytes, ModelNeed(m, me.models_on_disk[m], 0))
+    )
+    if not candidates:
+        return None
+    return candidates[int(hashlib.sha256(self_id.encode()).hexdigest(), 16) % len(candidates)]

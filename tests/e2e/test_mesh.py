@@ -262,3 +262,37 @@ def _llama_argv(node: MeshProcess) -> list[str]:
         return servers[0].cmdline() if len(servers) == 1 else []
     except psutil.NoSuchProcess:
         return []
+
+
+def test_joiner_without_model_serves_a_wanted_model_on_its_disk(
+    mesh: Mesh, tmp_path: Path, demo_models_dir: Path
+) -> None:
+    """Scenario 7: the seed wants two models; a joiner with the second on disk serves it."""
+    seed, token = mesh.seed("seed", "--model", "gemma-copy")
+    own_models = tmp_path / "joiner-models"
+    own_models.mkdir()
+    os.link(demo_models_dir / "gemma-3-270m-q4_k_m.gguf", own_models / "gemma-copy.gguf")
+    bin_dir = mesh.common[mesh.common.index("--bin-dir") + 1]
+    joiner = MeshProcess(
+        tmp_path / "joiner",
+        ["--join", token, "--models-dir", str(own_models), "--bin-dir", bin_dir],
+    )
+    mesh.nodes.append(joiner.start())
+    wait_until(
+        lambda: (
+            "Assigned to serve gemma-copy (needed by mesh, already on disk)" in joiner.log_text()
+        ),
+        30,
+        "the assignment",
+    )
+    joiner.wait_ready(timeout_s=120)
+    models = {m["name"]: m["state"] for m in joiner.status()["models"]}
+    assert models["gemma-copy"] == "ready"
+    wait_until(
+        lambda: any(
+            p["record"]["serving"].get("gemma-copy", {}).get("ready")
+            for p in seed.status()["peers"]
+        ),
+        30,
+        "the seed to see gemma-copy served",
+    )

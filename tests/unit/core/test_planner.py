@@ -144,3 +144,24 @@ def test_forced_split_without_any_worker_serves_solo_if_it_fits() -> None:
         "m", NEED, records, members=["h"], standby=[], force_split=True, incumbent_host="h"
     )
     assert plan == GroupPlan("m", "h", (), ())
+
+
+def test_assignment_takes_a_wanted_unserved_model_on_disk() -> None:
+    from mesh_llm.core.planner import assign_model
+    from mesh_llm.wire.messages import ServingInfo
+
+    seed = NodeRecord(
+        node_id="s",
+        version=1,
+        vram_bytes=20 * GB,
+        requested_models=("a", "b"),
+        serving={"a": ServingInfo("host", True, "s")},
+    )
+    joiner = NodeRecord(
+        node_id="j", version=1, vram_bytes=20 * GB, models_on_disk={"a": GB, "b": GB}
+    )
+    assert assign_model("j", {"s": seed, "j": joiner}) == "b"
+    small = NodeRecord(node_id="j", version=1, vram_bytes=GB, models_on_disk={"b": GB})
+    assert assign_model("j", {"s": seed, "j": small}) is None  # does not fit
+    nothing = NodeRecord(node_id="j", version=1, vram_bytes=20 * GB, models_on_disk={"c": GB})
+    assert assign_model("j", {"s": seed, "j": nothing}) is None
