@@ -207,9 +207,10 @@ def test_forced_split_serves_through_the_rpc_tunnel(mesh: Mesh) -> None:
     """Scenario 3: the node with more VRAM hosts, the other lends VRAM through an rpc-server."""
     seed, token = mesh.seed("seed", "--split")
     worker = mesh.start("worker", "--model", "gemma-3-270m", "--join", token, "--max-vram", "1")
+    # Alone, the host serves solo; once the worker is up it restarts split over the tunnel.
+    wait_until(lambda: "--rpc" in _llama_argv(seed), 120, "a split llama-server")
     seed.wait_ready(timeout_s=240)
-    server = seed.llama_server()
-    argv = server.cmdline()
+    argv = _llama_argv(seed)
     rpc = argv[argv.index("--rpc") + 1].split(",")
     split = [float(x) for x in argv[argv.index("--tensor-split") + 1].split(",")]
     assert len(rpc) == 2 and len(split) == 2  # the worker's tunnel, then the host's own share
