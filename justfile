@@ -36,6 +36,7 @@ check:
 bench:
     {{venv}}/python -m tests.bench.bench_solo
     {{venv}}/python -m tests.bench.bench_mesh
+    {{venv}}/python -m tests.bench.bench_split
 
 # Build llama.cpp into bundle/bin and pack a release tarball (filled by the bundle issue).
 bundle:
