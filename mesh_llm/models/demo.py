@@ -21,6 +21,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from mesh_llm.errors import ModelError
+from mesh_llm.models.download import sha256_of
 from mesh_llm.models.progress import ProgressCallback
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def _is_verified(target: Path, total: int, sha256: str) -> bool:
         return False
     if _read_marker(target) == {"sha256": sha256, "size": total, "mtime_ns": stat.st_mtime_ns}:
         return True
-    if _sha256_of(target) != sha256:
+    if sha256_of(target) != sha256:
         log.warning("%s does not match its sha256: reassembling", target)
         return False
     _write_marker(target, sha256)
@@ -158,11 +159,3 @@ def _assemble(
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(_CHUNK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()

@@ -224,7 +224,7 @@ def _verify_and_publish(
             "run again to download it anew"
         )
     if sha256 is not None:
-        actual = _sha256_of(part)
+        actual = sha256_of(part)
         if actual != sha256.lower():
             part.unlink()
             raise DownloadError(
@@ -235,7 +235,8 @@ def _verify_and_publish(
     _fsync_dir(dest.parent)
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks (blocking)."""
     digest = hashlib.sha256()
     with path.open("rb") as file:
         while block := file.read(_CHUNK_BYTES):
