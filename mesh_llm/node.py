@@ -28,19 +28,23 @@ from mesh_llm.api.console import create_console_app
 from mesh_llm.backend.hardware import HardwareInfo, detect_hardware, max_vram_bytes
 from mesh_llm.backend.llama import LOOPBACK
 from mesh_llm.backend.process import kill_process_group_now, sweep_stale_children
-from mesh_llm.backend.serving import BinaryProvider, ModelServer, run_in_daemon_thread
+from mesh_llm.backend.serving import (
+    BinaryProvider,
+    ModelServer,
+    model_name_of,
+    run_in_daemon_thread,
+)
 from mesh_llm.config import Config
 from mesh_llm.core.mesh import MeshCore
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName
-from mesh_llm.errors import ConfigError, MeshError
+from mesh_llm.errors import ConfigError
 from mesh_llm.identity import (
     MeshSecret,
     NodeIdentity,
     load_or_create_identity,
     load_or_create_mesh,
 )
-from mesh_llm.models.catalog import find_entry
 from mesh_llm.models.resolve import list_local_models
 from mesh_llm.net.peers import PeerManager
 from mesh_llm.net.rpc_tunnel import QuicRpcTunnels
@@ -265,7 +269,7 @@ class Node:
     def _requested_models(self) -> tuple[str, ...]:
         """The models this node asks the mesh for, by model name once known."""
         names = [s.model.name if s.model is not None else s.spec for s in self._servers]
-        return tuple(dict.fromkeys([*names, *(_model_name_of(spec) for spec in self._wanted)]))
+        return tuple(dict.fromkeys([*names, *(model_name_of(spec) for spec in self._wanted)]))
 
     async def _start_console(self) -> web.AppRunner:
         runner = web.AppRunner(create_console_app(self), access_log=None)
@@ -297,14 +301,6 @@ async def _start_site(runner: web.AppRunner, host: str, port: int, flag: str) ->
             f"cannot listen on {host}:{port} ({exc.strerror}); is another mesh-llm running? "
             f"Stop it or pass {flag}"
         ) from exc
-
-
-def _model_name_of(spec: str) -> str:
-    """A catalog name's model name (file stem), without touching disk or network."""
-    try:
-        return find_entry(spec).model_name
-    except MeshError:
-        return spec
 
 
 def _now() -> float:

@@ -83,14 +83,22 @@ class ModelServer:
         self._config = config
         self._binaries = binaries
         self._on_change = on_change
-        self._aliases: tuple[str, ...] = ()
-        self.status = ModelStatus(ModelName(spec), ModelState.LOADING, "waiting to start")
+        # Until the file is resolved, answer to the catalog's model name too, so an early
+        # request gets "loading" (503), not "unknown model" (404).
+        self._early_name = model_name_of(spec)
+        self._aliases: tuple[str, ...] = (spec,) if self._early_name != spec else ()
+        self.status = ModelStatus(
+            ModelName(self._early_name),
+            ModelState.LOADING,
+            "waiting to start",
+            aliases=self._aliases,
+        )
         self.supervisor: Supervisor | None = None
         self.model: ResolvedModel | None = None
         self.draft: Path | None = None
 
     def _set(self, state: ModelState, reason: str, endpoint: str | None = None) -> None:
-        name = self.model.name if self.model is not None else ModelName(self.spec)
+        name = self.model.name if self.model is not None else ModelName(self._early_name)
         status = ModelStatus(name, state, reason, endpoint=endpoint, aliases=self._aliases)
         if status != self.status:  # re-planning repeats states: only real changes propagate
             self.status = status
@@ -189,6 +197,14 @@ class ModelServer:
             on_state=on_state,
         )
         await self.supervisor.run()
+
+
+def model_name_of(spec: str) -> str:
+    """A catalog name's model name (file stem), without touching disk or network."""
+    try:
+        return find_entry(spec).model_name
+    except MeshError:
+        return spec
 
 
 def find_draft(model: ResolvedModel, config: Config) -> Path | None:
