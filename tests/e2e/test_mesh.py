@@ -297,3 +297,57 @@ def test_joiner_without_model_serves_a_wanted_model_on_its_disk(
         30,
         "the seed to see gemma-copy served",
     )
+
+
+def test_two_nodes_with_a_fitting_model_are_replicas(mesh: Mesh) -> None:
+    """Scenario 2: both serve the model solo, each its own host."""
+    seed, token = mesh.seed()
+    other = mesh.start("other", "--model", "gemma-3-270m", "--join", token)
+    seed.wait_ready()
+    other.wait_ready()
+    for node in (seed, other):
+        assert "--rpc" not in _llama_argv(node)
+    wait_until(
+        lambda: any(
+            p["record"]["serving"].get("gemma-3-270m-q4_k_m", {}).get("role") == "host"
+            for p in seed.status()["peers"]
+        ),
+        30,
+        "the other host in the seed's view",
+    )
+
+
+def test_standby_is_promoted_when_the_only_host_of_a_wanted_model_dies(
+    mesh: Mesh, tmp_path: Path, demo_models_dir: Path
+) -> None:
+    _seed, token = mesh.seed("seed", "--model", "gemma-copy")
+    bin_dir = mesh.common[mesh.common.index("--bin-dir") + 1]
+
+    def joiner(name: str) -> MeshProcess:
+        models = tmp_path / f"{name}-models"
+        models.mkdir()
+        os.link(demo_models_dir / "gemma-3-270m-q4_k_m.gguf", models / "gemma-copy.gguf")
+        node = MeshProcess(
+            tmp_path / name, ["--join", token, "--models-dir", str(models), "--bin-dir", bin_dir]
+        )
+        mesh.nodes.append(node.start())
+        return node
+
+    first = joiner("first")
+    first.wait_ready(timeout_s=120)
+    second = joiner("second")
+    wait_until(
+        lambda: "No unserved model fits — standing by as a worker" in second.log_text(),
+        30,
+        "the second joiner to stand by",
+    )
+    first.signal(signal.SIGKILL)
+    first.wait_exit()
+    wait_until(
+        lambda: (
+            "Assigned to serve gemma-copy (needed by mesh, already on disk)" in second.log_text()
+        ),
+        DEAD_GOAL_S + 10,
+        "the standby node to take over the wanted model",
+    )
+    second.wait_ready(timeout_s=60)
