@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
@@ -17,9 +18,11 @@ from mesh_llm.api.app import create_app
 from mesh_llm.config import ApiConfig
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName
+from tests.fakes import waiting
 from tests.fakes.fake_llama import CHAT_REPLY, MODEL_ID, FakeLlama, serve
 
 DEADLINE_S = 5.0
+wait_until = functools.partial(waiting.wait_until, timeout_s=DEADLINE_S)
 LOADING = ModelStatus(ModelName("loading-model"), ModelState.LOADING, "downloading 40%")
 CONFIG = ApiConfig(
     port=0,
@@ -54,17 +57,6 @@ class Stack:
 
     async def post(self, path: str, body: object, **kwargs: object) -> aiohttp.ClientResponse:
         return await self.client.post(self.url + path, json=body, **kwargs)  # type: ignore[arg-type]
-
-
-async def wait_until(
-    condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

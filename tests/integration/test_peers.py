@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -21,15 +20,9 @@ from mesh_llm.net.peers import PeerManager
 from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
 from mesh_llm.token import InviteToken
 from mesh_llm.wire.messages import NodeRecord, RefuseCode, StreamType
+from tests.fakes.waiting import wait_until
 
 DEADLINE_S = 10.0
-
-
-async def _eventually(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 class Running:
@@ -76,7 +69,7 @@ async def test_two_shells_join_and_see_each_other(seed: tuple[Running, InviteTok
     joiner = Running(node.peers._mesh, (token,))
     await joiner.start()
     try:
-        await _eventually(
+        await wait_until(
             lambda: (
                 joiner.identity.node_id in node.peer_ids()
                 and node.identity.node_id in joiner.peer_ids()
@@ -85,7 +78,7 @@ async def test_two_shells_join_and_see_each_other(seed: tuple[Running, InviteTok
         )
     finally:
         await joiner.stop()
-    await _eventually(lambda: joiner.identity.node_id not in node.peer_ids(), "clean leave")
+    await wait_until(lambda: joiner.identity.node_id not in node.peer_ids(), "clean leave")
 
 
 async def test_garbage_after_admission_closes_only_that_connection(
@@ -103,18 +96,18 @@ async def test_garbage_after_admission_closes_only_that_connection(
         connection = await endpoint.dial("127.0.0.1", port, node.identity.node_id, DEADLINE_S)
         channel = FramedChannel(await connection.open_stream(StreamType.CONTROL))
         await admit_outbound(channel, rogue, node.peers._mesh, expected=node.identity.node_id)
-        await _eventually(lambda: rogue.node_id in node.peers._links, "rogue linked")
+        await wait_until(lambda: rogue.node_id in node.peers._links, "rogue linked")
         channel.stream.write(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")  # a frame of garbage
         await asyncio.wait_for(connection.wait_closed(), DEADLINE_S)
         assert "msgpack" in connection.close_reason or "frame" in connection.close_reason, (
             connection.close_reason
         )
-        await _eventually(lambda: rogue.node_id not in node.peers._links, "rogue dropped")
+        await wait_until(lambda: rogue.node_id not in node.peers._links, "rogue dropped")
         # The node still admits and gossips with a well-behaved joiner.
         joiner = Running(node.peers._mesh, (token,))
         await joiner.start()
         try:
-            await _eventually(lambda: joiner.identity.node_id in node.peer_ids(), "joiner seen")
+            await wait_until(lambda: joiner.identity.node_id in node.peer_ids(), "joiner seen")
         finally:
             await joiner.stop()
     finally:

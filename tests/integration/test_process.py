@@ -6,6 +6,7 @@ Children are `python -c ...` one-liners; no llama.cpp here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -30,8 +31,10 @@ from mesh_llm.backend.process import (
     terminate_process,
 )
 from mesh_llm.config import BackendConfig
+from tests.fakes import waiting
 
 DEADLINE_S = 5.0
+wait_until = functools.partial(waiting.wait_until, timeout_s=DEADLINE_S)
 FAST = BackendConfig(
     health_timeout_s=30.0,
     health_poll_interval_s=0.01,
@@ -40,18 +43,6 @@ FAST = BackendConfig(
     restart_backoff_max_s=0.2,
 )
 SLEEP_FOREVER = "import time\nwhile True: time.sleep(1)"
-
-
-async def wait_until(
-    condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S
-) -> None:
-    """Poll `condition` until true; fail naming `what` after `timeout_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def _python(code: str) -> tuple[str, ...]:
