@@ -16,13 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from mesh_llm.models.demo import install_demo_model
-
 from mesh_llm.backend.build import ensure_binaries
 from mesh_llm.config import BackendConfig, load_config
+from mesh_llm.models.demo import install_demo_model
 from tests.e2e.harness import MeshProcess
 
-ROUNDS = 5
+ROUNDS = 15
 MAX_TOKENS = 128
 BODY = {
     "model": "gemma-3-270m-q4_k_m",

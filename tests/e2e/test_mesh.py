@@ -315,6 +315,9 @@ def test_two_nodes_with_a_fitting_model_are_replicas(mesh: Mesh) -> None:
         30,
         "the other host in the seed's view",
     )
+    time.sleep(6)  # several gossip rounds and re-plans: none may restart a backend
+    for node in (seed, other):
+        assert node.log_text().count("llama-server started") == 1, node.log_text()
 
 
 def test_standby_is_promoted_when_the_only_host_of_a_wanted_model_dies(
