@@ -29,6 +29,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_FORCED = 130
+ALL_INTERFACES = "0.0.0.0"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
         "or URL (repeatable: the first is served, the rest are wanted by the mesh)",
     )
     node.add_argument("--port", type=int, help="API port (default 9337)")
+    node.add_argument(
+        "--listen-all",
+        action="store_true",
+        default=None,
+        help="serve the API on all interfaces (0.0.0.0) instead of 127.0.0.1; use --api-key",
+    )
+    node.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on the API (env MESH_LLM_API_KEY)",
+    )
+    node.add_argument(
+        "--queue-depth",
+        type=int,
+        metavar="N",
+        help="requests one local model may have in flight; more get 429 (default 64)",
+    )
     node.add_argument(
         "--join", action="append", metavar="TOKEN", help="join the mesh of this invite token"
     )
@@ -116,6 +134,9 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
     flags: dict[str, object] = {
         "models": tuple(args.model) if getattr(args, "model", None) else None,
         "api.port": getattr(args, "port", None),
+        "api.host": ALL_INTERFACES if getattr(args, "listen_all", None) else None,
+        "api.api_key": getattr(args, "api_key", None),
+        "api.queue_depth": getattr(args, "queue_depth", None),
         "models_dir": getattr(args, "models_dir", None),
         "backend.bin_dir": getattr(args, "bin_dir", None),
         "backend.llama_server_path": getattr(args, "llama_server_path", None),

@@ -34,6 +34,22 @@ class ApiConfig:
     # Prompt processing of a long prompt on CPU can take minutes before the first byte.
     first_byte_timeout_s: float = 600.0
     idle_chunk_timeout_s: float = 300.0
+    # Bearer token every API request must carry (all but /healthz and /readyz); None = open.
+    api_key: str | None = field(default=None, repr=False)
+    # Requests one local model may have in flight at once; more are refused with 429.
+    queue_depth: int = 64
+    busy_retry_after_s: int = 1  # Retry-After of a 429 (queue full)
+    # HTTP head limits (aiohttp's defaults): request/header line, one header field, count.
+    max_header_line_bytes: int = 8190
+    max_header_field_bytes: int = 8190
+    max_headers: int = 128
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("the API key is empty: give a non-empty --api-key, or none")
+        for name in ("queue_depth", "max_body_bytes", "max_header_line_bytes", "max_headers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"api.{name} must be at least 1, not {getattr(self, name)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +132,8 @@ ENV_KEYS: Mapping[str, str] = {
     "MESH_LLM_EPHEMERAL_KEY": "ephemeral_key",
     "MESH_LLM_LOG_FORMAT": "log_format",
     "MESH_LLM_PORT": "api.port",
+    "MESH_LLM_API_KEY": "api.api_key",
+    "MESH_LLM_QUEUE_DEPTH": "api.queue_depth",
     "MESH_LLM_BIN_DIR": "backend.bin_dir",
     "MESH_LLM_LLAMA_SERVER": "backend.llama_server_path",
     "MESH_LLM_RPC_SERVER": "backend.rpc_server_path",

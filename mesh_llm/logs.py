@@ -2,7 +2,8 @@
 
 Every state change of note is logged with `extra={"event": name, ...fields}`; the JSON format
 emits those fields, the pretty format shows the message. `-v` turns on DEBUG, which includes
-the output of llama.cpp children.
+the output of llama.cpp children. Lines logged while the API handles a request carry its
+`request_id` (from the `REQUEST_ID` context variable, set by the API's request-id middleware).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any
 
 from rich.console import Console
@@ -20,6 +22,27 @@ from mesh_llm.config import LogFormat
 
 _STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 _NOISY_LIBRARIES = ("aiohttp.access", "asyncio", "quic", "filelock", "httpx", "huggingface_hub")
+
+# The id of the API request being handled by the current task (None outside requests).
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` to records logged while a request is handled (JSON shows it as a field;
+    the line formats append `[request_id]`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = REQUEST_ID.get()
+        if request_id is not None and not hasattr(record, "request_id"):
+            record.request_id = request_id
+        return True
+
+
+class _LineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", None)
+        return f"{line} [{request_id}]" if request_id else line
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,12 +75,13 @@ def setup_logging(log_format: LogFormat, verbose: int) -> None:
         handler.setFormatter(JsonFormatter())
     elif sys.stderr.isatty():
         handler = RichHandler(console=Console(stderr=True), show_path=False, markup=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_LineFormatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+            _LineFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
         )
+    handler.addFilter(RequestIdFilter())
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose > 0 else logging.INFO)
     for name in _NOISY_LIBRARIES:

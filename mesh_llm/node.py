@@ -24,7 +24,9 @@ from aiohttp import web
 
 from mesh_llm import __version__
 from mesh_llm.api.app import create_app
+from mesh_llm.api.auth import warn_if_exposed
 from mesh_llm.api.console import create_console_app
+from mesh_llm.api.metrics import MetricSources
 from mesh_llm.backend.hardware import HardwareInfo, detect_hardware, max_vram_bytes
 from mesh_llm.backend.llama import LOOPBACK
 from mesh_llm.backend.process import kill_process_group_now, sweep_stale_children
@@ -214,6 +216,10 @@ class Node:
     def _node_id(self) -> str:
         return self.identity.node_id if self.identity else ""
 
+    def _linked_peers(self) -> int:
+        snapshot = self.peers.snapshot() if self.peers is not None else {"peers": []}
+        return sum(1 for peer in snapshot["peers"] if peer["linked"])
+
     def _role(self) -> str:
         if self._config.client:
             return Role.CLIENT.value
@@ -280,13 +286,17 @@ class Node:
     async def _start_api(self) -> web.AppRunner:
         api = self._config.api
         runner = web.AppRunner(
-            create_app(self, api),
+            create_app(self, api, MetricSources(peer_count=self._linked_peers)),
             handler_cancellation=True,  # a client that goes away cancels its upstream request
             access_log=None,
             shutdown_timeout=self._config.shutdown_grace_s,
+            max_line_size=api.max_header_line_bytes,
+            max_field_size=api.max_header_field_bytes,
+            max_headers=api.max_headers,
         )
         await runner.setup()
         await _start_site(runner, api.host, api.port, "--port")
+        warn_if_exposed(api)
         self._announce(f"OpenAI API: {self.api_url}  (answers 503 until a model is ready)")
         return runner
 

@@ -17,6 +17,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
+from mesh_llm.api.metrics import RequestObservation
 from mesh_llm.api.openai import error_body
 from mesh_llm.config import ApiConfig
 from mesh_llm.core.router import Route
@@ -33,8 +34,12 @@ async def forward(
     body: bytes,
     config: ApiConfig,
     request_id: str,
+    observation: RequestObservation | None = None,
 ) -> web.StreamResponse:
-    """Send `body` to `route` and stream the upstream answer back to `request`."""
+    """Send `body` to `route` and stream the upstream answer back to `request`.
+
+    `observation` (metrics) is told the response head and every chunk relayed.
+    """
     url = route.endpoint + request.path
     timeout = aiohttp.ClientTimeout(
         total=None,
@@ -53,7 +58,7 @@ async def forward(
             headers={"X-Request-Id": request_id},
         )
     try:
-        return await _relay(request, upstream, request_id)
+        return await _relay(request, upstream, request_id, observation)
     finally:
         # close(), not release(): a half-read response must drop the connection so that
         # llama-server sees the disconnect and frees the slot.
@@ -61,7 +66,10 @@ async def forward(
 
 
 async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, request_id: str
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    request_id: str,
+    observation: RequestObservation | None,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status)
     for name in _COPIED_HEADERS:
@@ -71,9 +79,13 @@ async def _relay(
     is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     if is_sse:
         response.headers["Cache-Control"] = "no-cache"
+    if observation is not None:
+        observation.response_head(upstream.status, upstream.headers.get("Content-Type", ""))
     await response.prepare(request)
     try:
         async for chunk in upstream.content.iter_any():
+            if observation is not None:
+                observation.body_chunk(chunk)
             await response.write(chunk)
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.warning("request %s: upstream failed mid-response: %r", request_id, exc)
