@@ -23,7 +23,7 @@ import psutil
 from aiohttp import web
 
 from mesh_llm import __version__
-from mesh_llm.api.app import create_app
+from mesh_llm.api.app import create_app, http_limits
 from mesh_llm.api.auth import warn_if_exposed
 from mesh_llm.api.console import create_console_app
 from mesh_llm.api.metrics import MetricSources
@@ -290,9 +290,7 @@ class Node:
             handler_cancellation=True,  # a client that goes away cancels its upstream request
             access_log=None,
             shutdown_timeout=self._config.shutdown_grace_s,
-            max_line_size=api.max_header_line_bytes,
-            max_field_size=api.max_header_field_bytes,
-            max_headers=api.max_headers,
+            **http_limits(api),
         )
         await runner.setup()
         await _start_site(runner, api.host, api.port, "--port")

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 import aiohttp
 from aiohttp import web
@@ -68,6 +68,23 @@ def create_app(
     app.router.add_get("/metrics", api.metrics)
     app.cleanup_ctx.append(_client_session)
     return app
+
+
+class HttpLimits(TypedDict):
+    """aiohttp request-handler arguments that bound a request's head."""
+
+    max_line_size: int
+    max_field_size: int
+    max_headers: int
+
+
+def http_limits(config: ApiConfig) -> HttpLimits:
+    """The head limits of the API's server (over a limit: 400 before any handler runs)."""
+    return HttpLimits(
+        max_line_size=config.max_header_line_bytes,
+        max_field_size=config.max_header_field_bytes,
+        max_headers=config.max_headers,
+    )
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:

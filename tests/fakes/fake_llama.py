@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -179,10 +180,19 @@ def stream_chunk(model: str, index: int, *, last: bool, chat: bool) -> dict[str,
 
 
 @asynccontextmanager
-async def serve(app: web.Application, *, shutdown_timeout_s: float = 2.0) -> AsyncIterator[str]:
-    """Serve `app` on 127.0.0.1:<ephemeral>; yields its base URL; cleans up on exit."""
+async def serve(
+    app: web.Application, *, shutdown_timeout_s: float = 2.0, **server_args: Any
+) -> AsyncIterator[str]:
+    """Serve `app` on 127.0.0.1:<ephemeral>; yields its base URL; cleans up on exit.
+
+    `server_args` go to aiohttp's request handler (e.g. the API's `http_limits`).
+    """
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout_s,
+        **server_args,
     )
     await runner.setup()
     try:
