@@ -23,10 +23,11 @@ import psutil
 from aiohttp import web
 
 from mesh_llm import __version__
-from mesh_llm.api.app import create_app, http_limits
+from mesh_llm.api.app import create_app
 from mesh_llm.api.auth import warn_if_exposed
 from mesh_llm.api.console import create_console_app
 from mesh_llm.api.metrics import MetricSources
+from mesh_llm.api.operations import http_limits
 from mesh_llm.backend.hardware import HardwareInfo, detect_hardware, max_vram_bytes
 from mesh_llm.backend.llama import LOOPBACK
 from mesh_llm.backend.process import kill_process_group_now, sweep_stale_children

@@ -4,28 +4,26 @@
 they are served). Each request is validated, routed by the pure `choose_route`, and streamed
 through `proxy.forward`. Every error is OpenAI-shaped JSON, produced in one middleware. The API
 answers from the first second of a node's life: 503 with `Retry-After` and a reason while
-nothing is ready. Also here: request ids (`request_id`), the API key (`auth`), the per-model
-limit of requests in flight on local backends (`admission`, 429) and `/metrics` (`metrics`).
+nothing is ready. Request ids, the API key, the queue depth (429) and `/metrics` are added by
+`operations`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Protocol, TypedDict
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 
-from mesh_llm.api.admission import LocalAdmission
-from mesh_llm.api.auth import bearer_auth
-from mesh_llm.api.metrics import ApiMetrics, MetricSources
+from mesh_llm.api import operations
+from mesh_llm.api.metrics import MetricSources
 from mesh_llm.api.openai import PROXIED_PATHS, InvalidRequest, error_body, validate_request
 from mesh_llm.api.proxy import forward
-from mesh_llm.api.request_id import add_request_id_header, request_id_of, request_ids
+from mesh_llm.api.request_id import request_id_of
 from mesh_llm.config import ApiConfig
 from mesh_llm.core.router import ModelState, ModelStatus, RouteRefused, choose_route
 
@@ -33,8 +31,6 @@ log = logging.getLogger(__name__)
 
 UPSTREAM_CONNECTIONS_MAX = 256
 SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
-METRICS_KEY = web.AppKey("metrics", ApiMetrics)
-ADMISSION_KEY = web.AppKey("admission", LocalAdmission)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -49,42 +45,19 @@ def create_app(
 ) -> web.Application:
     """The aiohttp application of the API (not yet bound to a socket).
 
-    `sources` feeds the node-wide gauges of `/metrics` (peers, tunnel bytes); backend states
-    and queue depth come from `directory` and the app's own admission counter when not given.
+    `sources` feeds node-wide gauges of `/metrics` (peers, tunnel bytes).
     """
-    auth = [bearer_auth(config.api_key)] if config.api_key is not None else []
-    app = web.Application(
-        client_max_size=config.max_body_bytes, middlewares=[request_ids, _errors, *auth]
-    )
-    app.on_response_prepare.append(add_request_id_header)
-    admission = app[ADMISSION_KEY] = LocalAdmission(config.queue_depth)
-    metrics = app[METRICS_KEY] = ApiMetrics(_sources(directory, admission, sources))
-    api = _Api(directory, config, admission, metrics)
+    middlewares = operations.middlewares_around(_errors, config)
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
+    operations.install(app, directory, config, sources)
+    api = _Api(directory, config)
     app.router.add_get("/v1/models", api.models)
     for path in PROXIED_PATHS:
         app.router.add_post(path, api.proxy)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
-    app.router.add_get("/metrics", api.metrics)
     app.cleanup_ctx.append(_client_session)
     return app
-
-
-class HttpLimits(TypedDict):
-    """aiohttp request-handler arguments that bound a request's head."""
-
-    max_line_size: int
-    max_field_size: int
-    max_headers: int
-
-
-def http_limits(config: ApiConfig) -> HttpLimits:
-    """The head limits of the API's server (over a limit: 400 before any handler runs)."""
-    return HttpLimits(
-        max_line_size=config.max_header_line_bytes,
-        max_field_size=config.max_header_field_bytes,
-        max_headers=config.max_headers,
-    )
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
@@ -117,36 +90,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return json_error(exc.status, exc.reason, exc.reason.lower().replace(" ", "_"))
 
 
-def _sources(
-    directory: ModelDirectory, admission: LocalAdmission, given: MetricSources | None
-) -> MetricSources:
-    def backend_states() -> dict[str, str]:
-        return {m.name: m.state.value for m in directory.model_statuses() if m.host == "local"}
-
-    def queue_depth() -> dict[str, int]:
-        return {**dict.fromkeys(backend_states(), 0), **admission.in_flight()}
-
-    given = given or MetricSources()
-    return dataclasses.replace(
-        given,
-        backend_states=given.backend_states or backend_states,
-        queue_depth=given.queue_depth or queue_depth,
-        queue_capacity=admission.depth,
-    )
-
-
 class _Api:
-    def __init__(
-        self,
-        directory: ModelDirectory,
-        config: ApiConfig,
-        admission: LocalAdmission,
-        metrics: ApiMetrics,
-    ) -> None:
+    def __init__(self, directory: ModelDirectory, config: ApiConfig) -> None:
         self._directory = directory
         self._config = config
-        self._admission = admission
-        self._metrics = metrics
 
     async def models(self, request: web.Request) -> web.Response:
         data = [
@@ -179,37 +126,20 @@ class _Api:
         statuses = self._directory.model_statuses()
         route = choose_route(requested, statuses, retry_after_s=self._config.retry_after_s)
         if isinstance(route, RouteRefused):
-            known = {m.name for m in statuses}  # never a label from an unknown client string
-            model_label = requested if requested is not None and requested in known else ""
-            self._metrics.request_refused(model_label, "none", route.status)
+            operations.count_refusal(request, requested, statuses, route.status)
             return json_error(
                 route.status, route.message, route.code, retry_after_s=route.retry_after_s
             )
-        release = self._admission.try_acquire(route.model)
-        if release is None:
-            self._metrics.request_refused(route.model, "local", 429)
-            return json_error(
-                429,
-                f"{route.model} on this node has {self._admission.depth} requests in flight "
-                f"(the queue depth); retry shortly",
-                "queue_full",
-                retry_after_s=self._config.busy_retry_after_s,
-            )
         log.debug("request %s %s → %s", request_id, request.path, route.endpoint)
         session = request.app[SESSION_KEY]
-        try:
-            with self._metrics.request_started(route.model, "local") as observation:
-                response = await forward(
-                    request, session, route, raw, self._config, request_id, observation
-                )
-                observation.finished(response.status)
-                return response
-        finally:
-            release()
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=self._metrics.render(), headers={"Content-Type": ApiMetrics.CONTENT_TYPE}
+        return await operations.serve_admitted(
+            request,
+            route.model,
+            "local",
+            self._config,
+            lambda observation: forward(
+                request, session, route, raw, self._config, request_id, observation
+            ),
         )
 
     async def healthz(self, request: web.Request) -> web.Response:

@@ -16,8 +16,9 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh_llm.api.app import ADMISSION_KEY, create_app, http_limits
+from mesh_llm.api.app import create_app
 from mesh_llm.api.metrics import CLIENT_CLOSED_STATUS, MetricSources
+from mesh_llm.api.operations import ADMISSION_KEY, http_limits
 from mesh_llm.config import ApiConfig
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName
@@ -237,6 +238,8 @@ async def test_metrics_count_requests_tokens_and_sources(ops: Ops) -> None:
         await response.read()
     async with await ops.post("/v1/chat/completions", {**CHAT, "model": "client-chosen"}) as r:
         assert r.status == 404
+    async with await ops.post("/v1/chat/completions", {**CHAT, "model": "LOADING-model"}) as r:
+        assert r.status == 503
     samples = await ops.samples()
 
     def get(name: str, **labels: str) -> float | None:
@@ -244,6 +247,7 @@ async def test_metrics_count_requests_tokens_and_sources(ops: Ops) -> None:
 
     assert get("mesh_llm_requests_total", status="200", **local) == 2
     assert get("mesh_llm_requests_total", model="", route="none", status="404") == 1
+    assert get("mesh_llm_requests_total", model="loading-model", route="none", status="503") == 1
     # 7 from the JSON answer's usage.completion_tokens, one per streamed chunk with content.
     assert get("mesh_llm_tokens_generated_total", model=MODEL_ID) == 7 + ops.fake.chunks
     assert get("mesh_llm_request_duration_seconds_count", **local) == 2

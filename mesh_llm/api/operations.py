@@ -1,0 +1,140 @@
+"""The operational layer of the API app: request ids, API key, head limits, queue depth, metrics.
+
+`create_app` calls `middlewares_around(errors, config)` and `install(app, directory, config,
+sources)`; the node passes `http_limits(config)` to its `AppRunner`. Request handlers call
+`serve_admitted(request, model, route, config, call)` to run one request to a backend under the
+per-model admission counter (local routes: 429 when full) and a metrics observation, and
+`count_refusal` for requests refused before any backend. Imports neither the proxy nor the
+router's decisions: the handler decides the route, this module only accounts for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, TypedDict
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from mesh_llm.api.admission import LocalAdmission, Release
+from mesh_llm.api.auth import bearer_auth
+from mesh_llm.api.metrics import ApiMetrics, MetricSources, RequestObservation, RouteKind
+from mesh_llm.api.openai import error_body
+from mesh_llm.api.request_id import add_request_id_header, request_ids
+from mesh_llm.config import ApiConfig
+from mesh_llm.core.router import ModelStatus, match_model
+
+METRICS_KEY = web.AppKey("metrics", ApiMetrics)
+ADMISSION_KEY = web.AppKey("admission", LocalAdmission)
+QUEUE_FULL_STATUS = 429
+
+
+class _Statuses(Protocol):
+    def model_statuses(self) -> Sequence[ModelStatus]: ...
+
+
+class HttpLimits(TypedDict):
+    """aiohttp request-handler arguments that bound a request's head."""
+
+    max_line_size: int
+    max_field_size: int
+    max_headers: int
+
+
+def http_limits(config: ApiConfig) -> HttpLimits:
+    """The head limits of the API's server (over a limit: 400 before any handler runs)."""
+    return HttpLimits(
+        max_line_size=config.max_header_line_bytes,
+        max_field_size=config.max_header_field_bytes,
+        max_headers=config.max_headers,
+    )
+
+
+def middlewares_around(errors: Middleware, config: ApiConfig) -> list[Middleware]:
+    """Request ids outermost (even errors carry one), then `errors`, then the API key."""
+    auth = [bearer_auth(config.api_key)] if config.api_key is not None else []
+    return [request_ids, errors, *auth]
+
+
+def install(
+    app: web.Application, directory: _Statuses, config: ApiConfig, sources: MetricSources | None
+) -> None:
+    """Add the request-id header, the admission counter, the metrics and `GET /metrics`."""
+    app.on_response_prepare.append(add_request_id_header)
+    admission = app[ADMISSION_KEY] = LocalAdmission(config.queue_depth)
+    metrics = app[METRICS_KEY] = ApiMetrics(_sources(directory, admission, sources))
+
+    async def scrape(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+    app.router.add_get("/metrics", scrape)
+
+
+def _sources(
+    directory: _Statuses, admission: LocalAdmission, given: MetricSources | None
+) -> MetricSources:
+    def backend_states() -> dict[str, str]:
+        return {m.name: m.state.value for m in directory.model_statuses() if m.host == "local"}
+
+    def queue_depth() -> dict[str, int]:
+        return {**dict.fromkeys(backend_states(), 0), **admission.in_flight()}
+
+    given = given or MetricSources()
+    return dataclasses.replace(
+        given,
+        backend_states=given.backend_states or backend_states,
+        queue_depth=given.queue_depth or queue_depth,
+        queue_capacity=admission.depth,
+    )
+
+
+def count_refusal(
+    request: web.Request, requested: str | None, statuses: Sequence[ModelStatus], status: int
+) -> None:
+    """Count a request refused before any backend (labelled by known model names only)."""
+    known = match_model(requested, statuses)  # never a label from a client's string
+    request.app[METRICS_KEY].request_refused(known.name if known else "", "none", status)
+
+
+async def serve_admitted(
+    request: web.Request,
+    model: str,
+    route: RouteKind,
+    config: ApiConfig,
+    call: Callable[[RequestObservation], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """Run `call` for a request to `model` under admission (local routes) and metrics.
+
+    A local model with `queue_depth` requests in flight answers 429 with `Retry-After`.
+    """
+    release: Release = _nothing
+    if route == "local":
+        acquired = request.app[ADMISSION_KEY].try_acquire(model)
+        if acquired is None:
+            return _queue_full(request, model, config)
+        release = acquired
+    try:
+        with request.app[METRICS_KEY].request_started(model, route) as observation:
+            response = await call(observation)
+            observation.finished(response.status)
+            return response
+    finally:
+        release()
+
+
+def _nothing() -> None:
+    return None
+
+
+def _queue_full(request: web.Request, model: str, config: ApiConfig) -> web.Response:
+    request.app[METRICS_KEY].request_refused(model, "local", QUEUE_FULL_STATUS)
+    message = (
+        f"{model} on this node already has {config.queue_depth} requests in flight (its queue "
+        f"depth); retry after {config.busy_retry_after_s} s"
+    )
+    return web.json_response(
+        error_body(QUEUE_FULL_STATUS, message, "queue_full"),
+        status=QUEUE_FULL_STATUS,
+        headers={"Retry-After": str(config.busy_retry_after_s)},
+    )
