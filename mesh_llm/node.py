@@ -12,10 +12,13 @@ tell the mesh we leave, stop accepting API requests, let in-flight ones finish w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import random
 import socket
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,8 +26,11 @@ import psutil
 from aiohttp import web
 
 from mesh_llm import __version__
-from mesh_llm.api.app import create_app
+from mesh_llm.api.app import INBOUND_KEY, create_app
 from mesh_llm.api.console import create_console_app
+from mesh_llm.api.inbound import DROP_PATH
+from mesh_llm.api.openai import error_body
+from mesh_llm.api.upstream import UpstreamFailed, open_remote
 from mesh_llm.backend.hardware import HardwareInfo, detect_hardware, max_vram_bytes
 from mesh_llm.backend.llama import LOOPBACK
 from mesh_llm.backend.process import kill_process_group_now, sweep_stale_children
@@ -35,10 +41,11 @@ from mesh_llm.backend.serving import (
     run_in_daemon_thread,
 )
 from mesh_llm.config import Config
+from mesh_llm.core.demand import DemandMeter, rates_changed
 from mesh_llm.core.mesh import MeshCore
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName
-from mesh_llm.errors import ConfigError
+from mesh_llm.errors import ConfigError, MeshError, PeerUnavailable
 from mesh_llm.identity import (
     MeshSecret,
     NodeIdentity,
@@ -47,6 +54,7 @@ from mesh_llm.identity import (
 )
 from mesh_llm.models.resolve import list_local_models
 from mesh_llm.net.peers import PeerManager
+from mesh_llm.net.quic import QuicPeerConnection
 from mesh_llm.net.rpc_tunnel import QuicRpcTunnels
 from mesh_llm.placement import Placement
 from mesh_llm.token import InviteToken, decode_token, encode_token, format_addr
@@ -55,6 +63,9 @@ from mesh_llm.wire.messages import NodeRecord, Role
 log = logging.getLogger(__name__)
 
 Announce = Callable[[str], None]
+
+DROP_EXIT_DELAY_S = 0.2  # let the drop answer leave before the node starts leaving
+DEMAND_PUBLISH_INTERVAL_S = 10.0
 
 
 class Node:
@@ -82,32 +93,118 @@ class Node:
         self.token: str | None = None
         self._hardware: HardwareInfo | None = None
         self.api_url = f"http://{config.api.host}:{config.api.port}/v1"
+        self._shutdown: asyncio.Event | None = None
+        self._demand = DemandMeter()
 
     # -- ModelDirectory (API) and StatusSource (console) ---------------------------------
 
     def model_statuses(self) -> Sequence[ModelStatus]:
-        local = [server.status for server in self._servers]
-        known = {s.name for s in local} | {a for s in local for a in s.aliases}
-        remote: dict[str, str] = {}
+        """Every model this node serves, the mesh serves, or the mesh wants, with the remote
+        hosts serving each one ready (the router's input)."""
+        hosts: dict[str, list[str]] = {}
+        loading: dict[str, str] = {}
         for record in self._known_records():
+            if record.node_id == self._node_id():
+                continue
             for model, info in record.serving.items():
-                if model not in known and record.node_id != self._node_id():
-                    remote.setdefault(model, record.node_id[:10] if info.ready else "")
+                if info.role == "worker":
+                    continue
+                if info.ready:
+                    hosts.setdefault(model, []).append(record.node_id)
+                else:
+                    loading.setdefault(model, record.node_id)
             for model in record.requested_models:
-                remote.setdefault(model, "")
+                loading.setdefault(model, "")
         for model in self._wanted:
-            remote.setdefault(model, "")
-        statuses = list(local)
-        for model, host in remote.items():
-            if model in known:
+            loading.setdefault(model, "")
+        statuses = [
+            dataclasses.replace(server.status, remote=tuple(hosts.pop(server.status.name, ())))
+            for server in self._servers
+        ]
+        local = {s.name for s in statuses} | {a for s in statuses for a in s.aliases}
+        for model, nodes in hosts.items():
+            if model not in local:
+                statuses.append(
+                    ModelStatus(
+                        ModelName(model), ModelState.READY, host=nodes[0], remote=tuple(nodes)
+                    )
+                )
+                local.add(model)
+        for model, node in loading.items():
+            if model in local:
                 continue
             reason = (
-                f"served by node {host}; routing requests across the mesh is not implemented yet"
-                if host
+                f"loading on node {node[:10]}"
+                if node
                 else "wanted by the mesh; no node serves it yet"
             )
-            statuses.append(ModelStatus(ModelName(model), ModelState.LOADING, reason, host=host))
+            statuses.append(ModelStatus(ModelName(model), ModelState.LOADING, reason, host=node))
         return statuses
+
+    # -- MeshAccess (API proxy) ---------------------------------------------------------
+
+    async def connection_for(self, node_id: str) -> QuicPeerConnection:
+        if self.peers is None:
+            raise PeerUnavailable("the mesh is not up yet")
+        return await self.peers.connection_for(node_id)
+
+    def report_failure(self, node_id: str, reason: str) -> None:
+        if self.peers is not None:
+            self.peers.report_failure(node_id, reason)
+
+    def count_request(self, model: str) -> None:
+        self._demand.observe(model, time.monotonic())
+
+    async def drop(self, model: str) -> tuple[int, dict[str, Any]]:
+        """`mesh-llm drop`: the node(s) serving `model` leave the mesh; this one forwards."""
+        local = await self.drop_local(model)
+        if local[0] != 404:
+            return local
+        status = next((m for m in self.model_statuses() if m.name == model), None)
+        if status is None or not status.remote:
+            return local
+        dropped: list[str] = []
+        errors: list[str] = []
+        for node_id in status.remote:
+            try:
+                connection = await self.connection_for(node_id)
+                upstream = await open_remote(
+                    connection,
+                    DROP_PATH,
+                    json.dumps({"model": model}).encode(),
+                    uuid.uuid4().hex,
+                    self._config.api,
+                )
+                try:
+                    async for _chunk in upstream.chunks():
+                        pass
+                finally:
+                    upstream.close()
+            except (MeshError, UpstreamFailed) as exc:
+                errors.append(f"{node_id[:10]}: {exc}")
+                continue
+            if upstream.status == 200:
+                dropped.append(node_id[:10])
+            else:
+                errors.append(f"{node_id[:10]} answered {upstream.status}")
+        if not dropped:
+            return 502, error_body(
+                502, f"could not drop {model}: {'; '.join(errors)}", "drop_failed"
+            )
+        return 200, {"dropped": model, "nodes": dropped, "errors": errors}
+
+    async def drop_local(self, model: str) -> tuple[int, dict[str, Any]]:
+        """Drop `model` if this node serves it: answer, then leave the mesh and exit 0."""
+        served = [s.status for s in self._servers]
+        if any(model == s.name or model in s.aliases for s in served):
+            log.info("dropping %s: leaving the mesh", model, extra={"event": "drop"})
+            if self._shutdown is not None:
+                asyncio.get_running_loop().call_later(DROP_EXIT_DELAY_S, self._shutdown.set)
+            short = self.identity.short_id if self.identity else ""
+            return 200, {"dropped": model, "nodes": [short]}
+        names = sorted({m.name for m in self.model_statuses() if m.routable})
+        message = f"no node serves {model!r}; served models: {', '.join(names) or 'none'}"
+        return 404, error_body(404, message, "model_not_found")
 
     def status(self) -> dict[str, Any]:
         config = self._config
@@ -143,6 +240,7 @@ class Node:
     async def run(self, shutdown: asyncio.Event) -> None:
         """Run the node until `shutdown` is set; raises `MeshError` for fatal start-up errors."""
         config = self._config
+        self._shutdown = shutdown
         await asyncio.to_thread(sweep_stale_children, config.run_dir)
         self.identity = await asyncio.to_thread(
             load_or_create_identity,
@@ -185,6 +283,7 @@ class Node:
                     placement = self._placement
                     self.peers.rpc_port = lambda: placement.rpc_port
                     serving.append(group.create_task(self._placement.run()))
+                    serving.append(group.create_task(self._publish_demand()))
                 await shutdown.wait()
                 log.info("shutting down", extra={"event": "node_stopping"})
                 self._binaries.cancel.set()
@@ -201,6 +300,16 @@ class Node:
             for runner in runners:
                 await runner.cleanup()
         log.info("node stopped", extra={"event": "node_stopped"})
+
+    async def _publish_demand(self) -> None:
+        """Gossip this node's request rates per model when they changed noticeably."""
+        published: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(DEMAND_PUBLISH_INTERVAL_S)
+            rates = self._demand.rates(time.monotonic())
+            if self.peers is not None and rates_changed(published, rates):
+                self.peers.update_self(demand=rates)
+                published = rates
 
     def kill_children_now(self) -> None:
         """Forced exit path (second signal): SIGKILL every child at once."""
@@ -280,12 +389,16 @@ class Node:
     async def _start_api(self) -> web.AppRunner:
         api = self._config.api
         runner = web.AppRunner(
-            create_app(self, api),
+            create_app(self, api, mesh=self),
             handler_cancellation=True,  # a client that goes away cancels its upstream request
             access_log=None,
             shutdown_timeout=self._config.shutdown_grace_s,
         )
         await runner.setup()
+        inbound = runner.app[INBOUND_KEY]
+        inbound.drop = self.drop_local  # a drop forwarded by another node: never forward again
+        if self.peers is not None:
+            self.peers.http_handler = inbound.serve
         await _start_site(runner, api.host, api.port, "--port")
         self._announce(f"OpenAI API: {self.api_url}  (answers 503 until a model is ready)")
         return runner

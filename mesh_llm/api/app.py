@@ -1,10 +1,11 @@
 """The node's HTTP API: OpenAI-compatible `/v1/*`, health and readiness.
 
 `create_app` builds an aiohttp application over a `ModelDirectory` (what models exist and where
-they are served). Each request is validated, routed by the pure `choose_route`, and streamed
-through `proxy.forward`. Every error is OpenAI-shaped JSON, produced in one middleware. The API
-answers from the first second of a node's life: 503 with `Retry-After` and a reason while
-nothing is ready.
+they are served) and, on a mesh node, a `MeshAccess` (how to reach other hosts). Each request is
+validated, then routed and streamed by `proxy.Proxy` (local backend or another node, with
+failover). Every error is OpenAI-shaped JSON. The API answers from the first second of a node's
+life: 503 with `Retry-After` and a reason while nothing is ready. The app also owns the
+`InboundRequests` server that answers other nodes' requests over QUIC (same HTTP session).
 """
 
 from __future__ import annotations
@@ -13,55 +14,50 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
+from mesh_llm.api.inbound import DROP_PATH, InboundRequests
 from mesh_llm.api.openai import PROXIED_PATHS, InvalidRequest, error_body, validate_request
-from mesh_llm.api.proxy import forward
+from mesh_llm.api.proxy import MeshAccess, ModelDirectory, Proxy, json_error
 from mesh_llm.config import ApiConfig
-from mesh_llm.core.router import ModelState, ModelStatus, RouteRefused, choose_route
 
 log = logging.getLogger(__name__)
 
 UPSTREAM_CONNECTIONS_MAX = 256
-SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
+LOOPBACK_PEERS = frozenset({"127.0.0.1", "::1"})
+PROXY_KEY = web.AppKey("proxy", Proxy)
+INBOUND_KEY = web.AppKey("inbound", InboundRequests)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-class ModelDirectory(Protocol):
-    """What the API needs from the node: the status of every model it knows."""
-
-    def model_statuses(self) -> Sequence[ModelStatus]: ...
+__all__ = ["INBOUND_KEY", "PROXY_KEY", "ModelDirectory", "create_app", "json_error"]
 
 
-def create_app(directory: ModelDirectory, config: ApiConfig) -> web.Application:
+def create_app(
+    directory: ModelDirectory, config: ApiConfig, mesh: MeshAccess | None = None
+) -> web.Application:
     """The aiohttp application of the API (not yet bound to a socket)."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors])
     api = _Api(directory, config)
+
+    async def client_session(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS_MAX)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            app[PROXY_KEY] = Proxy(directory, mesh, session, config)
+            app[INBOUND_KEY] = InboundRequests(directory, session, config)
+            yield
+
     app.router.add_get("/v1/models", api.models)
     for path in PROXIED_PATHS:
         app.router.add_post(path, api.proxy)
+    if mesh is not None:
+        app.router.add_post(DROP_PATH, _drop_handler(mesh))
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
-    app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(client_session)
     return app
-
-
-async def _client_session(app: web.Application) -> AsyncIterator[None]:
-    connector = aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS_MAX)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        app[SESSION_KEY] = session
-        yield
-
-
-def json_error(
-    status: int, message: str, code: str, *, retry_after_s: int | None = None
-) -> web.Response:
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    return web.json_response(error_body(status, message, code), status=status, headers=headers)
 
 
 @web.middleware
@@ -80,6 +76,23 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return json_error(exc.status, exc.reason, exc.reason.lower().replace(" ", "_"))
 
 
+def _drop_handler(mesh: MeshAccess) -> Handler:
+    async def drop(request: web.Request) -> web.StreamResponse:
+        if request.remote not in LOOPBACK_PEERS:
+            return json_error(403, "/mesh/drop is only answered on loopback", "forbidden")
+        try:
+            body = json.loads(await request.read())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("'model' (a string) is required", "model")
+        status, document = await mesh.drop(model)
+        return web.json_response(document, status=status)
+
+    return drop
+
+
 class _Api:
     def __init__(self, directory: ModelDirectory, config: ApiConfig) -> None:
         self._directory = directory
@@ -93,10 +106,10 @@ class _Api:
                 "created": int(time.time()),
                 "owned_by": "mesh-llm",
                 "meta": {
-                    "state": "warm" if m.state is ModelState.READY else "cold",
+                    "state": "warm" if m.routable else "cold",
                     "status": m.state.value,
                     "reason": m.reason,
-                    "nodes": 1 if m.state is ModelState.READY else 0,
+                    "nodes": m.node_count,
                     "host": m.host,
                     "aliases": list(m.aliases),
                 },
@@ -113,23 +126,14 @@ class _Api:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
         requested = validate_request(request.path, body)
-        route = choose_route(
-            requested, self._directory.model_statuses(), retry_after_s=self._config.retry_after_s
-        )
-        if isinstance(route, RouteRefused):
-            return json_error(
-                route.status, route.message, route.code, retry_after_s=route.retry_after_s
-            )
-        log.debug("request %s %s → %s", request_id, request.path, route.endpoint)
-        session = request.app[SESSION_KEY]
-        return await forward(request, session, route, raw, self._config, request_id)
+        return await request.app[PROXY_KEY].handle(request, requested, raw, request_id)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
         statuses = self._directory.model_statuses()
-        ready = [m.name for m in statuses if m.state is ModelState.READY]
+        ready = [m.name for m in statuses if m.routable]
         if ready:
             return web.json_response({"status": "ready", "models": ready})
         reasons = "; ".join(f"{m.name}: {m.reason or m.state.value}" for m in statuses)

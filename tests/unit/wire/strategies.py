@@ -12,6 +12,8 @@ from mesh_llm.wire.messages import (
     Hello,
     HelloFinish,
     HelloReply,
+    HttpRequestHead,
+    HttpResponseHead,
     Leaving,
     Message,
     NodeRecord,
@@ -56,6 +58,7 @@ node_records = st.builds(
     software_version=texts,
     fast_lane_port=ints,
     split_models=st.lists(texts, max_size=3).map(tuple),
+    demand=st.dictionaries(texts, finite_floats, max_size=3),
 )
 
 record_tuples = st.lists(node_records, max_size=3).map(tuple)
@@ -85,6 +88,16 @@ MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     Leaving: st.builds(Leaving, node_id=texts),
     RouteRequest: st.builds(RouteRequest),
     RouteReply: st.builds(RouteReply, records=record_tuples),
+    HttpRequestHead: st.builds(
+        HttpRequestHead,
+        method=texts,
+        path=texts,
+        headers=st.dictionaries(texts, texts, max_size=4),
+        body_len=ints,
+    ),
+    HttpResponseHead: st.builds(
+        HttpResponseHead, status=ints, headers=st.dictionaries(texts, texts, max_size=4)
+    ),
 }
 
 messages: st.SearchStrategy[Message] = st.one_of(
