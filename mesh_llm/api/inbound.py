@@ -63,7 +63,7 @@ class InboundRequests:
         try:
             async with asyncio.timeout(REQUEST_HEAD_TIMEOUT_S):
                 head, body = await read_request(stream, self._config.max_body_bytes)
-        except (TunnelProtocolError, TimeoutError) as exc:
+        except (TunnelProtocolError, StreamReset, TimeoutError) as exc:
             log.warning("bad API request stream from %s: %s", peer[:10], exc)
             stream.reset(RefuseCode.PROTOCOL_ERROR)
             return

@@ -135,7 +135,13 @@ class Proxy:
                     upstream.close()
             finally:
                 self.in_flight[route.key] -= 1
-        raise AssertionError("unreachable: the last attempt returns")  # pragma: no cover
+        name = model.name if model is not None else requested
+        return json_error(
+            502,
+            f"the backend for {name} failed and the retry failed too ({last_error})",
+            "upstream_failed",
+            request_id=request_id,
+        )
 
     def _choose(
         self,

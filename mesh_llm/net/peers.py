@@ -450,7 +450,7 @@ class PeerManager:
                     return
                 await serve_rpc_stream(stream, self.rpc_port())
             case StreamType.HTTP:
-                peer = connection.peer_node_id()
+                peer = connection.admitted_id
                 if not connection.admitted or self.http_handler is None or peer is None:
                     stream.reset(RefuseCode.PROTOCOL_ERROR)
                     return
@@ -477,6 +477,7 @@ class PeerManager:
             connection.close_with(code, str(exc)[:100])
             return
         connection.admitted = True  # ROUTES streams are answered only on admitted connections
+        connection.admitted_id = admitted.node_id
         if admitted.client or self._core is None:
             await self._serve_client(channel)
             return
@@ -561,6 +562,7 @@ class PeerManager:
                 errors.append(f"{addr}: no hello answer ({exc!r})")
                 continue
             connection.admitted = True
+            connection.admitted_id = peer
             return _Link(peer, connection, channel, dialer=self._identity.node_id)
         raise PeerUnavailable("; ".join(errors) or "no address to dial")
 

@@ -153,6 +153,7 @@ class QuicPeerConnection(QuicConnectionProtocol):
         self.close_reason = ""
         self.remote_addr: NetworkAddress | None = None
         self.admitted = False  # set once the hello on its control stream succeeded
+        self.admitted_id: NodeId | None = None  # the node (or client) the hello proved
 
     @property
     def is_closed(self) -> bool:
