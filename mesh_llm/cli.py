@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="what the running local node sees")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     _add_common(status)
+    drop = sub.add_parser("drop", help="make the node serving a model leave the mesh")
+    drop.add_argument("name", help="the model to drop (as listed by /v1/models)")
+    drop.add_argument(
+        "--port", type=int, default=argparse.SUPPRESS, help="API port of the local node (9337)"
+    )
+    _add_common(drop)
     return parser
 
 
@@ -163,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from mesh_llm.status import show_status
 
                 return show_status(config, console, as_json=args.json)
+            case "drop":
+                from mesh_llm.status import drop_model
+
+                return drop_model(config, args.name, console)
         parser.error(f"unknown command {args.command}")
     except MeshError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)

@@ -102,6 +102,7 @@ class Node:
         """Every model this node serves, the mesh serves, or the mesh wants, with the remote
         hosts serving each one ready (the router's input)."""
         hosts: dict[str, list[str]] = {}
+        aliases: dict[str, tuple[str, ...]] = {}
         loading: dict[str, str] = {}
         for record in self._known_records():
             if record.node_id == self._node_id():
@@ -111,6 +112,7 @@ class Node:
                     continue
                 if info.ready:
                     hosts.setdefault(model, []).append(record.node_id)
+                    aliases.setdefault(model, info.aliases)
                 else:
                     loading.setdefault(model, record.node_id)
             for model in record.requested_models:
@@ -126,7 +128,11 @@ class Node:
             if model not in local:
                 statuses.append(
                     ModelStatus(
-                        ModelName(model), ModelState.READY, host=nodes[0], remote=tuple(nodes)
+                        ModelName(model),
+                        ModelState.READY,
+                        aliases=aliases.get(model, ()),
+                        host=nodes[0],
+                        remote=tuple(nodes),
                     )
                 )
                 local.add(model)

@@ -339,7 +339,8 @@ class Placement:
             plan = self._plan
             host = plan.host if plan is not None and plan.host else self._id
             role = "host" if plan is not None and host == self._id else "loading"
-            serving[self._server.model.name] = ServingInfo(role, ready, host)
+            aliases = self._server.status.aliases
+            serving[self._server.model.name] = ServingInfo(role, ready, host, aliases)
         split = (
             (self._server.model.name,)
             if self._config.backend.split and self._server is not None and self._server.model

@@ -54,6 +54,7 @@ class ServingInfo:
     role: str = "host"  # "host" | "worker" | "loading"
     ready: bool = False
     host: str = ""  # node id of the host of this model's group
+    aliases: tuple[str, ...] = ()  # other names requests may use for the model (catalog name)
 
 
 @dataclass(frozen=True, slots=True)

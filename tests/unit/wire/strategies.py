@@ -37,7 +37,13 @@ texts = st.text(max_size=12)
 blobs = st.binary(max_size=40)
 finite_floats = st.floats(allow_nan=False, allow_infinity=False)
 
-serving_infos = st.builds(ServingInfo, role=texts, ready=st.booleans(), host=texts)
+serving_infos = st.builds(
+    ServingInfo,
+    role=texts,
+    ready=st.booleans(),
+    host=texts,
+    aliases=st.lists(texts, max_size=2).map(tuple),
+)
 
 node_records = st.builds(
     NodeRecord,
@@ -120,7 +126,11 @@ msgpack_values = st.recursive(
 
 def _field_names(cls: type) -> set[str]:
     names = {f.name for f in dataclasses.fields(cls)}
-    return names | {f.name for f in dataclasses.fields(NodeRecord)} | {"role", "ready", "host"}
+    return (
+        names
+        | {f.name for f in dataclasses.fields(NodeRecord)}
+        | {"role", "ready", "host", "aliases"}
+    )
 
 
 FIELD_NAMES = sorted(set().union(*(_field_names(cls) for cls in MESSAGE_TYPES)))
