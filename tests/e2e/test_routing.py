@@ -184,7 +184,7 @@ def _chat_body(model: str, **extra: Any) -> bytes:
 def test_errors_from_real_requests_are_openai_shaped(
     mesh: tuple[MeshProcess, MeshProcess, MeshProcess],
 ) -> None:
-    a, b, client = mesh
+    _a, b, client = mesh
     cases = [
         (b"{not json", 400, "not valid JSON"),
         (json.dumps({"model": COPY}).encode(), 400, "'messages' is required"),
