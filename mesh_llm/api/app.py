@@ -22,6 +22,7 @@ from aiohttp import web
 from mesh_llm.api.inbound import DROP_PATH, InboundRequests
 from mesh_llm.api.openai import PROXIED_PATHS, InvalidRequest, error_body, validate_request
 from mesh_llm.api.proxy import MeshAccess, ModelDirectory, Proxy, json_error
+from mesh_llm.api.upstream import UPSTREAM_KEEPALIVE_S
 from mesh_llm.config import ApiConfig
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ def create_app(
     api = _Api(directory, config)
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS_MAX)
+        connector = aiohttp.TCPConnector(
+            limit=UPSTREAM_CONNECTIONS_MAX, keepalive_timeout=UPSTREAM_KEEPALIVE_S
+        )
         async with aiohttp.ClientSession(connector=connector) as session:
             app[PROXY_KEY] = Proxy(directory, mesh, session, config)
             app[INBOUND_KEY] = InboundRequests(directory, session, config)

@@ -28,6 +28,10 @@ from mesh_llm.net.quic import QuicPeerConnection
 from mesh_llm.wire.messages import HttpRequestHead
 
 FORWARDED_HEADERS = ("Content-Type", "Retry-After")
+LOCAL_CONNECT_ATTEMPTS = 2  # a stale pooled connection, then a fresh one
+# llama-server (cpp-httplib) closes idle keep-alive connections after 5 s; the client pool
+# drops them sooner so that reuse rarely races with that close.
+UPSTREAM_KEEPALIVE_S = 2.0
 
 
 class UpstreamFailed(MeshError):
@@ -78,14 +82,22 @@ async def open_local(
         sock_read=config.idle_chunk_timeout_s,
     )
     headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
-    try:
-        async with asyncio.timeout(config.first_byte_timeout_s):
-            response = await session.post(
-                endpoint + path, data=body, headers=headers, timeout=timeout
-            )
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise UpstreamFailed(f"the local backend failed before answering: {exc!r}") from exc
-    return LocalUpstream(response)
+    for attempt in range(LOCAL_CONNECT_ATTEMPTS):
+        try:
+            async with asyncio.timeout(config.first_byte_timeout_s):
+                response = await session.post(
+                    endpoint + path, data=body, headers=headers, timeout=timeout
+                )
+        except aiohttp.ClientConnectionError as exc:
+            # A pooled keep-alive connection that llama-server closed meanwhile fails like
+            # this before anything was generated: one fresh connection is always safe.
+            if attempt + 1 < LOCAL_CONNECT_ATTEMPTS:
+                continue
+            raise UpstreamFailed(f"the local backend failed before answering: {exc!r}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamFailed(f"the local backend failed before answering: {exc!r}") from exc
+        return LocalUpstream(response)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class RemoteUpstream:

@@ -138,7 +138,11 @@ class MeshProcess:
             return []
 
     def llama_server(self) -> psutil.Process:
-        servers = [p for p in self.descendants() if p.name() == "llama-server"]
+        servers = [
+            p
+            for p in self.descendants()
+            if p.name() == "llama-server" or "tests.fakes.fake_llama_server" in p.cmdline()
+        ]
         assert len(servers) == 1, f"expected one llama-server child, found {servers}"
         return servers[0]
 
