@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -68,7 +69,12 @@ def main() -> int:
         install_demo_model(models, None)
         args = ["--model", "gemma-3-270m", "--models-dir", str(models)]
         args += ["--bin-dir", str(binaries.llama_server.parent)]
-        node = MeshProcess(Path(tmp) / "home", args).start()
+        home = Path(tmp) / "home"
+        threads = os.environ.get("BENCH_LLAMA_THREADS")
+        if threads:  # e.g. 1 on a 2-core machine: leaves a core to the relaying processes
+            home.mkdir()
+            (home / "config.toml").write_text(f"[backend]\nthreads = {int(threads)}\n")
+        node = MeshProcess(home, args).start()
         client: MeshProcess | None = None
         try:
             node.wait_ready()
