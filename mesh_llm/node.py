@@ -234,7 +234,14 @@ class Node:
             },
             "token": self.token,
             "models": [
-                {"name": m.name, "state": m.state.value, "reason": m.reason, "host": m.host}
+                {
+                    "name": m.name,
+                    "state": m.state.value,
+                    "reason": m.reason,
+                    "host": m.host,
+                    "nodes": m.node_count,
+                    "remote_hosts": list(m.remote),
+                }
                 for m in self.model_statuses()
             ],
             "peers": snapshot["peers"],

@@ -46,10 +46,11 @@ def show_status(config: Config, console: Console, *, as_json: bool) -> int:
         highlight=False,
     )
     models = Table(title="models")
-    for column in ("model", "state", "host / reason"):
+    for column in ("model", "state", "nodes", "host / reason"):
         models.add_column(column)
     for model in status["models"]:
-        models.add_row(model["name"], model["state"], model["reason"] or model["host"])
+        where = model["reason"] or model["host"][:10]
+        models.add_row(model["name"], model["state"], str(model.get("nodes", "")), where)
     console.print(models)
     peers = Table(title=f"peers ({len(status['peers'])}; passive clients: {status['clients']})")
     for column in ("node", "name", "state", "address", "RTT", "role", "VRAM", "on disk", "serving"):
