@@ -26,13 +26,12 @@ from mesh_llm.config import ApiConfig
 from mesh_llm.core.router import RouteRefused, choose_route
 from mesh_llm.net.http_tunnel import (
     MAX_UNSENT_BYTES,
-    StreamReset,
     TunnelProtocolError,
     read_request,
     send_response_head,
     write_body,
 )
-from mesh_llm.net.quic import QuicStream
+from mesh_llm.net.quic import QuicStream, StreamReset
 from mesh_llm.wire.messages import RefuseCode
 
 log = logging.getLogger(__name__)
@@ -147,9 +146,16 @@ def _drop_model(body: bytes) -> str:
     return model if isinstance(model, str) else ""
 
 
-async def _send_json(stream: QuicStream, status: int, document: dict[str, Any]) -> None:
+async def _send_json(
+    stream: QuicStream,
+    status: int,
+    document: dict[str, Any],
+    extra_headers: dict[str, str] | None = None,
+) -> None:
     body = json.dumps(document).encode()
-    send_response_head(stream, status, {"Content-Type": "application/json"})
+    send_response_head(
+        stream, status, {"Content-Type": "application/json", **(extra_headers or {})}
+    )
     await write_body(stream, body)
     stream.write_eof()
 
@@ -157,10 +163,5 @@ async def _send_json(stream: QuicStream, status: int, document: dict[str, Any]) 
 async def _send_error(
     stream: QuicStream, status: int, message: str, code: str, retry_after_s: int | None = None
 ) -> None:
-    body = json.dumps(error_body(status, message, code)).encode()
-    headers = {"Content-Type": "application/json"}
-    if retry_after_s is not None:
-        headers["Retry-After"] = str(retry_after_s)
-    send_response_head(stream, status, headers)
-    await write_body(stream, body)
-    stream.write_eof()
+    retry = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    await _send_json(stream, status, error_body(status, message, code), retry)

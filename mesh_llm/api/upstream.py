@@ -18,13 +18,8 @@ import aiohttp
 
 from mesh_llm.config import ApiConfig
 from mesh_llm.errors import MeshError
-from mesh_llm.net.http_tunnel import (
-    StreamReset,
-    TunnelProtocolError,
-    TunnelResponse,
-    send_request,
-)
-from mesh_llm.net.quic import QuicPeerConnection
+from mesh_llm.net.http_tunnel import TunnelProtocolError, TunnelResponse, send_request
+from mesh_llm.net.quic import QuicPeerConnection, StreamReset
 from mesh_llm.wire.messages import HttpRequestHead
 
 FORWARDED_HEADERS = ("Content-Type", "Retry-After")

@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from mesh_llm.net.quic import QuicPeerConnection, QuicStream, StreamReset
+from mesh_llm.net.quic import QuicPeerConnection, QuicStream
 from mesh_llm.wire.codec import DecodeError, decode_message, encode_frame
 from mesh_llm.wire.messages import HttpRequestHead, HttpResponseHead, RefuseCode, StreamType
 
@@ -112,14 +112,3 @@ async def read_request(stream: QuicStream, max_body_bytes: int) -> tuple[HttpReq
 
 def send_response_head(stream: QuicStream, status: int, headers: dict[str, str]) -> None:
     stream.write(encode_frame(HttpResponseHead(status, headers)))
-
-
-__all__ = [
-    "StreamReset",
-    "TunnelProtocolError",
-    "TunnelResponse",
-    "read_request",
-    "send_request",
-    "send_response_head",
-    "write_body",
-]

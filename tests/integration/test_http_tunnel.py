@@ -108,14 +108,22 @@ async def _api(
     return base, access, session
 
 
-async def test_non_streamed_and_streamed_requests_cross_one_quic_hop(
-    mesh: tuple[Running, Running, AsyncExitStack],
-) -> None:
+async def _remote_host(
+    mesh: tuple[Running, Running, AsyncExitStack], fake: FakeLlama
+) -> tuple[Host, str, Access, aiohttp.ClientSession]:
+    """A serves MODEL from `fake`; B's API (base URL returned) routes to A."""
     a, b, stack = mesh
-    fake = FakeLlama(healthy=True, chunks=4, hold_last_chunk=True)
     host = Host(a, fake)
     base, access, session = await _api(stack, b, [a.identity.node_id])
     await host.start(stack, session)
+    return host, base, access, session
+
+
+async def test_non_streamed_and_streamed_requests_cross_one_quic_hop(
+    mesh: tuple[Running, Running, AsyncExitStack],
+) -> None:
+    fake = FakeLlama(healthy=True, chunks=4, hold_last_chunk=True)
+    _host, base, access, session = await _remote_host(mesh, fake)
 
     headers = {"X-Request-Id": "req-42"}
     async with session.post(base + "/v1/chat/completions", json=CHAT, headers=headers) as resp:
@@ -144,10 +152,7 @@ async def test_non_streamed_and_streamed_requests_cross_one_quic_hop(
 async def test_refusals_of_the_host_are_relayed_with_retry_after(
     mesh: tuple[Running, Running, AsyncExitStack],
 ) -> None:
-    a, b, stack = mesh
-    host = Host(a, FakeLlama(healthy=True))
-    base, _access, session = await _api(stack, b, [a.identity.node_id])
-    await host.start(stack, session)
+    host, base, _access, session = await _remote_host(mesh, FakeLlama(healthy=True))
     host.directory.statuses = [ModelStatus(ModelName(MODEL), ModelState.LOADING, "loading 40%")]
     async with session.post(base + "/v1/chat/completions", json=CHAT) as resp:
         assert resp.status == 503
@@ -158,11 +163,8 @@ async def test_refusals_of_the_host_are_relayed_with_retry_after(
 async def test_client_disconnect_cancels_the_request_on_the_host(
     mesh: tuple[Running, Running, AsyncExitStack],
 ) -> None:
-    a, b, stack = mesh
     fake = FakeLlama(healthy=True, chunks=3, hold_last_chunk=True)
-    host = Host(a, fake)
-    base, _access, session = await _api(stack, b, [a.identity.node_id])
-    await host.start(stack, session)
+    _host, base, _access, session = await _remote_host(mesh, fake)
     resp = await session.post(base + "/v1/chat/completions", json={**CHAT, "stream": True})
     seen = b""
     while seen.count(b"data: ") < 2:
@@ -211,11 +213,8 @@ async def test_a_host_failing_before_its_answer_is_retried_on_a_replica(
 async def test_garbage_on_an_http_stream_is_reset_and_the_host_keeps_serving(
     mesh: tuple[Running, Running, AsyncExitStack],
 ) -> None:
-    a, b, stack = mesh
-    fake = FakeLlama(healthy=True)
-    host = Host(a, fake)
-    base, _access, session = await _api(stack, b, [a.identity.node_id])
-    await host.start(stack, session)
+    a, b, _stack = mesh
+    _host, base, _access, session = await _remote_host(mesh, FakeLlama(healthy=True))
     connection = await b.peers.connection_for(a.identity.node_id)
     for garbage in (b"\xff\xff\xff\xff", b"\x00\x00\x00\x03\xc1\xc1\xc1", b"\x00\x00"):
         stream = await connection.open_stream(StreamType.HTTP)
