@@ -8,7 +8,10 @@ session to the local rpc-server; `serve_rpc_stream` does it for a QUIC stream an
 `rpc_lane_handler` for the fast-lane server. `relay` pumps bytes both ways with large reads,
 TCP_NODELAY and no per-chunk work beyond read/write and a byte counter; a session ends when
 either side ends (then both are closed: TLS over asyncio cannot half-close, and a llama.cpp RPC
-session is over when either side closes). Imports aioquic only through `net/quic.py`.
+session is over when either side closes). `RpcTunnels` owns the host's listeners, one per
+worker, finds each worker's fast lane from its gossiped record (`fast_lane_port`, at the
+address its QUIC link comes from) and reports lanes and byte counters for status. This is the
+only relay of the project. Imports aioquic only through `net/quic.py`.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Protocol
 
 from mesh_llm.core.types import NodeId, short_id
 from mesh_llm.errors import PeerUnavailable, ProtocolError
@@ -26,13 +29,14 @@ from mesh_llm.identity import NodeIdentity
 from mesh_llm.net.fastlane import (
     STREAM_LIMIT_BYTES,
     ConnectionHandler,
+    FastLaneServer,
     close_and_wait,
     fast_lane_connect,
     run_owned,
     set_no_delay,
 )
 from mesh_llm.net.quic import QuicPeerConnection, QuicStream, StreamReset
-from mesh_llm.wire.messages import RefuseCode, StreamType
+from mesh_llm.wire.messages import NodeRecord, RefuseCode, StreamType
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +50,20 @@ FAST_LANE_CONNECT_TIMEOUT_S = 5.0
 # After the fast lane failed, new sessions go straight to QUIC for this long before retrying.
 FAST_LANE_RETRY_S = 60.0
 
-Lane = Literal["fast", "quic"]
+Lane = Literal["fast", "quic", "none"]
+FastLaneAddr = Callable[[], tuple[str, int] | None]
 
 
 @dataclass(slots=True)
 class TunnelCounters:
-    """Bytes relayed host → worker (`bytes_up`) and back, sessions opened, the last lane."""
+    """Bytes relayed host → worker (`bytes_up`) and back, sessions opened, the last lane and
+    why that lane (for status: "fast lane failed: …" when QUIC carries it)."""
 
     bytes_up: int = 0
     bytes_down: int = 0
     connections: int = 0
     lane: Lane = "fast"
+    reason: str = ""
 
 
 class ByteReader(Protocol):
@@ -204,7 +211,7 @@ class RpcTunnelListener:
         self,
         identity: NodeIdentity,
         worker: NodeId,
-        fast_lane_addr: tuple[str, int] | None,
+        fast_lane_addr: FastLaneAddr,
         quic: Callable[[], QuicPeerConnection | None],
         force_quic: bool,
         fast_lane_timeout_s: float,
@@ -218,7 +225,7 @@ class RpcTunnelListener:
         self._fast_lane_failed_at: float | None = None
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()  # see `run_owned`
-        self.counters = TunnelCounters(lane="quic" if self._fast_lane_addr is None else "fast")
+        self.counters = TunnelCounters(lane="none", reason="no session yet")
 
     @classmethod
     async def start(
@@ -226,7 +233,7 @@ class RpcTunnelListener:
         identity: NodeIdentity,
         worker: NodeId,
         *,
-        fast_lane_addr: tuple[str, int] | None,
+        fast_lane_addr: FastLaneAddr,
         quic: Callable[[], QuicPeerConnection | None],
         port: int = 0,
         force_quic: bool = False,
@@ -247,7 +254,7 @@ class RpcTunnelListener:
 
     @property
     def lane(self) -> Lane:
-        """The lane of the latest session (before any: the one that will be tried first)."""
+        """The lane of the latest session ("none" before the first one)."""
         return self.counters.lane
 
     async def close(self) -> None:
@@ -268,8 +275,11 @@ class RpcTunnelListener:
             set_no_delay(writer)
             lane = await self._open_lane()
             if lane is None:
+                self.counters.lane = "none"
                 return
             self.counters.lane = lane[0]
+            if lane[0] == "fast":
+                self.counters.reason = ""
             self.counters.connections += 1
             await relay(reader, writer, lane[1], lane[2], self.counters)
         finally:
@@ -286,19 +296,24 @@ class RpcTunnelListener:
             stream = await connection.open_stream(StreamType.RPC)
         except (PeerUnavailable, StreamReset) as exc:
             log.warning("rpc tunnel to %s: no lane (%s)", short_id(self.worker), exc)
+            self.counters.reason = f"no lane: {exc}"
             return None
         return "quic", QuicStreamReader(stream), QuicStreamWriter(stream)
 
     async def _open_fast_lane(
         self,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        if self._force_quic or self._fast_lane_addr is None:
+        address = self._fast_lane_addr()
+        if self._force_quic or address is None:
+            self.counters.reason = (
+                "QUIC forced" if self._force_quic else "the worker advertises no fast lane"
+            )
             return None
         now = asyncio.get_running_loop().time()
         failed_at = self._fast_lane_failed_at
         if failed_at is not None and now - failed_at < FAST_LANE_RETRY_S:
-            return None
-        host, port = self._fast_lane_addr
+            return None  # keeps the reason of that failure
+        host, port = address
         try:
             reader, writer, _ = await fast_lane_connect(
                 self._identity, host, port, self.worker, self._fast_lane_timeout_s
@@ -308,6 +323,99 @@ class RpcTunnelListener:
                 "rpc tunnel to %s: fast lane failed, using QUIC: %s", short_id(self.worker), exc
             )
             self._fast_lane_failed_at = now
+            self.counters.reason = f"fast lane to {host}:{port} failed: {exc}"
             return None
         self._fast_lane_failed_at = None
         return reader, writer
+
+
+class PeerDirectory(Protocol):
+    """What `RpcTunnels` needs of the mesh: links and gossiped records."""
+
+    def connection_of(self, node_id: NodeId) -> QuicPeerConnection | None: ...
+    def records(self) -> list[NodeRecord]: ...
+
+
+def fast_lane_addr_of(
+    record: NodeRecord | None, connection: QuicPeerConnection | None
+) -> tuple[str, int] | None:
+    """Where to dial `record`'s fast lane: its advertised port, at the IP its QUIC link comes
+    from (the address known to reach it), else at the first address it advertises."""
+    if record is None or record.fast_lane_port == 0:
+        return None
+    if connection is not None and connection.remote_addr:
+        return str(connection.remote_addr[0]), record.fast_lane_port
+    for addr in record.addrs:
+        host = addr.rsplit(":", 1)[0].strip("[]")
+        if host:
+            return host, record.fast_lane_port
+    return None
+
+
+class RpcTunnels:
+    """The host's tunnel listeners, one per remote worker (`Placement`'s `Tunnels`)."""
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        peers: PeerDirectory,
+        *,
+        fast_lane_timeout_s: float,
+    ) -> None:
+        self._identity = identity
+        self._peers = peers
+        self._fast_lane_timeout_s = fast_lane_timeout_s
+        self._listeners: dict[NodeId, RpcTunnelListener] = {}
+
+    async def open(self, worker: NodeId) -> int:
+        """A loopback port whose sessions reach `worker`'s rpc-server; idempotent."""
+        listener = self._listeners.get(worker)
+        if listener is None:
+            listener = await RpcTunnelListener.start(
+                self._identity,
+                worker,
+                fast_lane_addr=lambda: self._fast_lane_addr(worker),
+                quic=lambda: self._peers.connection_of(worker),
+                fast_lane_timeout_s=self._fast_lane_timeout_s,
+            )
+            self._listeners[worker] = listener
+        return listener.port
+
+    async def close(self, worker: NodeId) -> None:
+        listener = self._listeners.pop(worker, None)
+        if listener is not None:
+            await listener.close()
+
+    async def close_all(self) -> None:
+        for worker in list(self._listeners):
+            await self.close(worker)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Per worker: loopback port, lane in use and why, sessions, bytes each way."""
+        return [
+            {"worker": worker, "short_id": short_id(worker), "port": listener.port}
+            | asdict(listener.counters)
+            for worker, listener in self._listeners.items()
+        ]
+
+    def _fast_lane_addr(self, worker: NodeId) -> tuple[str, int] | None:
+        record = next((r for r in self._peers.records() if r.node_id == worker), None)
+        return fast_lane_addr_of(record, self._peers.connection_of(worker))
+
+
+async def start_rpc_lane(
+    identity: NodeIdentity,
+    host: str,
+    port: int,
+    members: Callable[[], Iterable[str]],
+    rpc_port: Callable[[], int | None],
+) -> FastLaneServer:
+    """Worker side: the fast-lane server, which admits mesh members only (`members()`, the
+    node ids gossip knows) and connects their RPC sessions to the local rpc-server."""
+    return await FastLaneServer.start(
+        identity,
+        host=host,
+        port=port,
+        on_connection=rpc_lane_handler(rpc_port),
+        is_allowed=lambda node: node != identity.node_id and node in set(members()),
+    )

@@ -128,7 +128,7 @@ async def _listener(nodes: Nodes, lane: str) -> RpcTunnelListener:
     return await RpcTunnelListener.start(
         nodes.host,
         nodes.worker.node_id,
-        fast_lane_addr=("127.0.0.1", port),
+        fast_lane_addr=lambda: ("127.0.0.1", port),
         quic=lambda: nodes.quic,
         force_quic=lane == "forced-quic",
     )
@@ -244,15 +244,15 @@ async def test_garbage_on_the_fast_lane_port_is_dropped_and_it_keeps_serving() -
 
 
 @pytest.mark.parametrize(
-    ("lane", "expected_lane", "size"),
+    ("lane", "expected_lane", "reason", "size"),
     [
-        ("fast", "fast", 8 * 1024 * 1024),
-        ("closed-port", "quic", 1024 * 1024),
-        ("forced-quic", "quic", 1024 * 1024),
+        ("fast", "fast", "", 8 * 1024 * 1024),
+        ("closed-port", "quic", "fast lane to 127.0.0.1:", 1024 * 1024),
+        ("forced-quic", "quic", "QUIC forced", 1024 * 1024),
     ],
 )
 async def test_relay_random_bytes_both_ways(
-    nodes: Nodes, lane: str, expected_lane: str, size: int
+    nodes: Nodes, lane: str, expected_lane: str, reason: str, size: int
 ) -> None:
     listener = await _listener(nodes, lane)
     try:
@@ -265,6 +265,7 @@ async def test_relay_random_bytes_both_ways(
         await listener.close()
     total = sum(len(p) for p in payloads)
     assert listener.lane == expected_lane
+    assert listener.counters.reason.startswith(reason)
     assert listener.counters.connections == 2
     assert listener.counters.bytes_up == total
     assert listener.counters.bytes_down == total
@@ -295,10 +296,11 @@ async def test_either_side_closing_ends_both(nodes: Nodes, lane: str) -> None:
 
 
 async def test_no_lane_closes_the_session(nodes: Nodes) -> None:
+    closed = _closed_port()
     listener = await RpcTunnelListener.start(
         nodes.host,
         nodes.worker.node_id,
-        fast_lane_addr=("127.0.0.1", _closed_port()),
+        fast_lane_addr=lambda: ("127.0.0.1", closed),
         quic=lambda: None,
     )
     try:
@@ -309,6 +311,8 @@ async def test_no_lane_closes_the_session(nodes: Nodes) -> None:
     finally:
         await listener.close()
     assert listener.counters.connections == 0
+    assert listener.lane == "none"
+    assert listener.counters.reason.startswith("no lane")
 
 
 # -- real llama.cpp ---------------------------------------------------------------------------
@@ -433,7 +437,7 @@ async def test_real_llama_server_through_the_tunnel(llama_binaries: Binaries) ->
                 listener = await RpcTunnelListener.start(
                     host,
                     worker.node_id,
-                    fast_lane_addr=("127.0.0.1", lane.port),
+                    fast_lane_addr=lambda: ("127.0.0.1", lane.port),
                     quic=lambda: quic,
                     force_quic=force_quic,
                 )
