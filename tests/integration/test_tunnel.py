@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -26,10 +26,12 @@ from mesh_llm.net.fastlane import FastLaneServer, fast_lane_connect
 from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
 from mesh_llm.net.tunnel import (
     RpcTunnelListener,
+    RpcTunnels,
+    fast_lane_addr_of,
     rpc_lane_handler,
     serve_rpc_stream,
 )
-from mesh_llm.wire.messages import RefuseCode, StreamType
+from mesh_llm.wire.messages import NodeRecord, RefuseCode, StreamType
 from tests.fakes.waiting import wait_until
 
 TIMEOUT_S = 20.0
@@ -481,3 +483,55 @@ async def test_real_llama_server_through_the_tunnel(llama_binaries: Binaries) ->
         await lane.close()
         host_end.close()
         worker_end.close()
+
+
+# -- the host's tunnels, as the node wires them -------------------------------------------------
+
+
+@dataclass
+class Directory:
+    """The mesh as `RpcTunnels` sees it: the worker's gossiped record and its QUIC link."""
+
+    record: NodeRecord
+    connection: QuicPeerConnection
+
+    def connection_of(self, node_id: NodeId) -> QuicPeerConnection | None:
+        return self.connection if node_id == self.record.node_id else None
+
+    def records(self) -> list[NodeRecord]:
+        return [self.record]
+
+
+@pytest.mark.parametrize(
+    ("advertised", "lane", "reason"),
+    [("lane", "fast", ""), ("none", "quic", "the worker advertises no fast lane")],
+)
+async def test_tunnels_dial_the_advertised_fast_lane_at_the_quic_peer_address(
+    nodes: Nodes, advertised: str, lane: str, reason: str
+) -> None:
+    port = nodes.lane.port if advertised == "lane" else 0
+    record = NodeRecord(nodes.worker.node_id, 1, addrs=("192.0.2.1:9",), fast_lane_port=port)
+    tunnels = RpcTunnels(nodes.host, Directory(record, nodes.quic), fast_lane_timeout_s=5.0)
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            local_port = await tunnels.open(nodes.worker.node_id)
+            assert await tunnels.open(nodes.worker.node_id) == local_port  # idempotent
+            assert await _echo_round_trip(local_port, b"x" * 5000) == b"x" * 5000
+            [status] = tunnels.snapshot()
+    finally:
+        await tunnels.close_all()
+    assert tunnels.snapshot() == []
+    assert status["worker"] == nodes.worker.node_id and status["port"] == local_port
+    assert (status["lane"], status["reason"], status["connections"]) == (lane, reason, 1)
+    assert status["bytes_up"] == status["bytes_down"] == 5000
+
+
+def test_fast_lane_address_without_a_link_is_the_first_advertised_one() -> None:
+    record = NodeRecord(NodeId("ab"), 1, addrs=("192.0.2.1:9", "[2001:db8::1]:9"), fast_lane_port=7)
+    assert fast_lane_addr_of(record, None) == ("192.0.2.1", 7)
+    assert fast_lane_addr_of(replace(record, addrs=("[2001:db8::1]:9",)), None) == (
+        "2001:db8::1",
+        7,
+    )
+    assert fast_lane_addr_of(replace(record, fast_lane_port=0), None) is None
+    assert fast_lane_addr_of(None, None) is None
