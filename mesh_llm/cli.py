@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--bind-port", type=int, metavar="P", help="UDP port for QUIC (default any)")
     node.add_argument(
+        "--fast-lane-port",
+        type=int,
+        metavar="P",
+        help="TCP port of the fast lane (TLS, carries llama.cpp RPC between nodes; default any)",
+    )
+    node.add_argument(
         "--advertise",
         action="append",
         metavar="ADDR",
@@ -132,6 +138,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
         "join": tuple(args.join) if getattr(args, "join", None) else None,
         "client": getattr(args, "client", None),
         "net.bind_port": getattr(args, "bind_port", None),
+        "net.fast_lane_port": getattr(args, "fast_lane_port", None),
         "backend.max_vram_gb": getattr(args, "max_vram", None),
         "backend.split": getattr(args, "split", None),
         "backend.draft_path": getattr(args, "draft", None),

@@ -53,9 +53,10 @@ from mesh_llm.identity import (
     load_or_create_mesh,
 )
 from mesh_llm.models.resolve import list_local_models
+from mesh_llm.net.fastlane import FastLaneServer
 from mesh_llm.net.peers import PeerManager
 from mesh_llm.net.quic import QuicPeerConnection
-from mesh_llm.net.rpc_tunnel import QuicRpcTunnels
+from mesh_llm.net.tunnel import RpcTunnels, start_rpc_lane
 from mesh_llm.placement import Placement
 from mesh_llm.token import InviteToken, decode_token, encode_token, format_addr
 from mesh_llm.wire.messages import NodeRecord, Role
@@ -92,6 +93,8 @@ class Node:
         self.peers: PeerManager | None = None
         self.token: str | None = None
         self._hardware: HardwareInfo | None = None
+        self._tunnels: RpcTunnels | None = None
+        self._fast_lane: FastLaneServer | None = None
         self.api_url = f"http://{config.api.host}:{config.api.port}/v1"
         self._shutdown: asyncio.Event | None = None
         self._demand = DemandMeter()
@@ -246,6 +249,8 @@ class Node:
             ],
             "peers": snapshot["peers"],
             "clients": snapshot["clients"],
+            "fast_lane_port": self._fast_lane.port if self._fast_lane is not None else None,
+            "rpc_tunnels": self._tunnels.snapshot() if self._tunnels is not None else [],
         }
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -267,10 +272,10 @@ class Node:
             self._hardware = await run_in_daemon_thread(lambda: detect_hardware(max_vram_bytes=cap))
             core = MeshCore(await self._initial_record(), config.mesh, random.Random(), _now())
         self.peers = PeerManager(self.identity, mesh, core, tokens=self._tokens, timings=config.net)
-        self._tunnels = QuicRpcTunnels(self.peers.connection_of)
         port = await self.peers.bind(config.net.bind_host, config.net.bind_port)
         addrs = (*config.net.advertise, *(format_addr(ip, port) for ip in _local_addresses()))
         if core is not None:
+            await self._start_fast_lane()
             self.peers.update_self(addrs=addrs)
             self.token = encode_token(
                 InviteToken(mesh.mesh_id, mesh.secret, self.identity.node_id, addrs)
@@ -283,6 +288,7 @@ class Node:
                 mesh_task = group.create_task(self.peers.run())
                 serving = []
                 if core is not None:
+                    assert self._tunnels is not None  # made with the fast lane
                     self._placement = Placement(
                         self.identity.node_id,
                         config,
@@ -306,7 +312,7 @@ class Node:
                         await site.stop()  # no new connections; in-flight ones get the grace
                 if self._placement is not None:
                     await self._placement.stop()
-                await self._tunnels.close_all()
+                await self._stop_fast_lane()
                 for task in (*serving, mesh_task):
                     task.cancel()
         finally:
@@ -332,6 +338,28 @@ class Node:
                 kill_process_group_now(pid)
 
     # -- helpers --------------------------------------------------------------------------
+
+    async def _start_fast_lane(self) -> None:
+        """RPC tunnels to workers, and the fast-lane server that workers' hosts dial (§4, §8)."""
+        assert self.identity is not None and self.peers is not None
+        net, peers = self._config.net, self.peers
+        self._tunnels = RpcTunnels(
+            self.identity, peers, fast_lane_timeout_s=net.fast_lane_connect_timeout_s
+        )
+        self._fast_lane = await start_rpc_lane(
+            self.identity,
+            net.bind_host,
+            net.fast_lane_port,
+            members=lambda: (r.node_id for r in peers.records()),
+            rpc_port=lambda: self._placement.rpc_port if self._placement is not None else None,
+        )
+        peers.update_self(fast_lane_port=net.fast_lane_advertise_port or self._fast_lane.port)
+
+    async def _stop_fast_lane(self) -> None:
+        if self._tunnels is not None:
+            await self._tunnels.close_all()
+        if self._fast_lane is not None:
+            await self._fast_lane.close()
 
     def _node_id(self) -> str:
         return self.identity.node_id if self.identity else ""

@@ -42,7 +42,7 @@ def show_status(config: Config, console: Console, *, as_json: bool) -> int:
     console.print(
         f"[bold]node[/] {node['short_id']} ({node['name']}), role {node['role']}, "
         f"{_gib(node['vram_bytes'])} {node['backend']}, QUIC port {node['mesh_port']}, "
-        f"API {node['api_url']}",
+        f"fast lane TCP port {status.get('fast_lane_port') or '-'}, API {node['api_url']}",
         highlight=False,
     )
     models = Table(title="models")
@@ -73,7 +73,28 @@ def show_status(config: Config, console: Console, *, as_json: bool) -> int:
             serving or "-",
         )
     console.print(peers)
+    _show_tunnels(console, status.get("rpc_tunnels", []))
     return 0
+
+
+def _show_tunnels(console: Console, tunnels: list[dict[str, Any]]) -> None:
+    """The RPC tunnels of a split host: lane per worker (fast = TCP+TLS, quic) and why."""
+    if not tunnels:
+        return
+    table = Table(title="rpc tunnels (this node hosts a split)")
+    for column in ("worker", "local port", "lane", "sessions", "sent", "received", "why"):
+        table.add_column(column, overflow="fold")
+    for tunnel in tunnels:
+        table.add_row(
+            tunnel["short_id"],
+            str(tunnel["port"]),
+            tunnel["lane"],
+            str(tunnel["connections"]),
+            f"{tunnel['bytes_up'] / 1e6:.1f} MB",
+            f"{tunnel['bytes_down'] / 1e6:.1f} MB",
+            tunnel["reason"] or "-",
+        )
+    console.print(table)
 
 
 def _gib(size: int) -> str:

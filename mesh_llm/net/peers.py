@@ -44,7 +44,7 @@ from mesh_llm.net.admission import (
     admit_outbound,
 )
 from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream, StreamReset
-from mesh_llm.net.rpc_tunnel import serve_rpc_stream
+from mesh_llm.net.tunnel import serve_rpc_stream
 from mesh_llm.token import InviteToken, parse_addr
 from mesh_llm.wire.codec import DecodeError
 from mesh_llm.wire.messages import (
@@ -654,6 +654,7 @@ def _record_dict(record: NodeRecord) -> Mapping[str, Any]:
             m: {"role": s.role, "ready": s.ready, "host": s.host} for m, s in record.serving.items()
         },
         "api_port": record.api_port,
+        "fast_lane_port": record.fast_lane_port,
         "software_version": record.software_version,
         "demand": dict(record.demand),
     }
