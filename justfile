@@ -37,6 +37,7 @@ bench:
     {{venv}}/python -m tests.bench.bench_solo
     {{venv}}/python -m tests.bench.bench_mesh
     {{venv}}/python -m tests.bench.bench_split
+    {{venv}}/python -m tests.bench.bench_proxy
 
 # Build llama.cpp into bundle/bin and pack a release tarball (filled by the bundle issue).
 bundle:

@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--bind-port", type=int, metavar="P", help="UDP port for QUIC (default any)")
     node.add_argument(
+        "--fast-lane-port",
+        type=int,
+        metavar="P",
+        help="TCP port of the fast lane (TLS, carries llama.cpp RPC between nodes; default any)",
+    )
+    node.add_argument(
         "--advertise",
         action="append",
         metavar="ADDR",
@@ -114,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="what the running local node sees")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     _add_common(status)
+    drop = sub.add_parser("drop", help="make the node serving a model leave the mesh")
+    drop.add_argument("name", help="the model to drop (as listed by /v1/models)")
+    drop.add_argument(
+        "--port", type=int, default=argparse.SUPPRESS, help="API port of the local node (9337)"
+    )
+    _add_common(drop)
     return parser
 
 
@@ -147,6 +159,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
         "join": tuple(args.join) if getattr(args, "join", None) else None,
         "client": getattr(args, "client", None),
         "net.bind_port": getattr(args, "bind_port", None),
+        "net.fast_lane_port": getattr(args, "fast_lane_port", None),
         "backend.max_vram_gb": getattr(args, "max_vram", None),
         "backend.split": getattr(args, "split", None),
         "backend.draft_path": getattr(args, "draft", None),
@@ -184,6 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from mesh_llm.status import show_status
 
                 return show_status(config, console, as_json=args.json)
+            case "drop":
+                from mesh_llm.status import drop_model
+
+                return drop_model(config, args.name, console)
         parser.error(f"unknown command {args.command}")
     except MeshError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)

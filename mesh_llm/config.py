@@ -82,6 +82,11 @@ class NetConfig:
     bind_host: str = "0.0.0.0"
     bind_port: int = 0  # 0 = any free port; 7842 is the suggestion for port forwarding
     advertise: tuple[str, ...] = ()
+    fast_lane_port: int = 0  # TCP port of the fast lane (DESIGN.md §4); 0 = any free port
+    # The fast-lane port put in this node's record; 0 = the bound one. Set it when a port
+    # forward maps another outside port to it (tests use it to advertise a dead port).
+    fast_lane_advertise_port: int = 0
+    fast_lane_connect_timeout_s: float = 5.0
     dial_timeout_s: float = 5.0
     hello_timeout_s: float = 5.0
     join_backoff_initial_s: float = 1.0
@@ -139,6 +144,8 @@ ENV_KEYS: Mapping[str, str] = {
     "MESH_LLM_RPC_SERVER": "backend.rpc_server_path",
     "MESH_LLM_CTX_SIZE": "backend.ctx_size",
     "MESH_LLM_BIND_PORT": "net.bind_port",
+    "MESH_LLM_FAST_LANE_PORT": "net.fast_lane_port",
+    "MESH_LLM_FAST_LANE_ADVERTISE_PORT": "net.fast_lane_advertise_port",
     "MESH_LLM_CONSOLE_PORT": "console_port",
 }
 

@@ -12,10 +12,13 @@ tell the mesh we leave, stop accepting API requests, let in-flight ones finish w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import random
 import socket
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,11 +26,14 @@ import psutil
 from aiohttp import web
 
 from mesh_llm import __version__
-from mesh_llm.api.app import create_app
+from mesh_llm.api.app import INBOUND_KEY, create_app
 from mesh_llm.api.auth import warn_if_exposed
 from mesh_llm.api.console import create_console_app
+from mesh_llm.api.inbound import DROP_PATH
 from mesh_llm.api.metrics import MetricSources
+from mesh_llm.api.openai import error_body
 from mesh_llm.api.operations import http_limits
+from mesh_llm.api.upstream import UpstreamFailed, open_remote
 from mesh_llm.backend.hardware import HardwareInfo, detect_hardware, max_vram_bytes
 from mesh_llm.backend.llama import LOOPBACK
 from mesh_llm.backend.process import kill_process_group_now, sweep_stale_children
@@ -38,10 +44,11 @@ from mesh_llm.backend.serving import (
     run_in_daemon_thread,
 )
 from mesh_llm.config import Config
+from mesh_llm.core.demand import DemandMeter, rates_changed
 from mesh_llm.core.mesh import MeshCore
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName
-from mesh_llm.errors import ConfigError
+from mesh_llm.errors import ConfigError, MeshError, PeerUnavailable
 from mesh_llm.identity import (
     MeshSecret,
     NodeIdentity,
@@ -49,8 +56,10 @@ from mesh_llm.identity import (
     load_or_create_mesh,
 )
 from mesh_llm.models.resolve import list_local_models
+from mesh_llm.net.fastlane import FastLaneServer
 from mesh_llm.net.peers import PeerManager
-from mesh_llm.net.rpc_tunnel import QuicRpcTunnels
+from mesh_llm.net.quic import QuicPeerConnection
+from mesh_llm.net.tunnel import RpcTunnels, start_rpc_lane
 from mesh_llm.placement import Placement
 from mesh_llm.token import InviteToken, decode_token, encode_token, format_addr
 from mesh_llm.wire.messages import NodeRecord, Role
@@ -58,6 +67,9 @@ from mesh_llm.wire.messages import NodeRecord, Role
 log = logging.getLogger(__name__)
 
 Announce = Callable[[str], None]
+
+DROP_EXIT_DELAY_S = 0.2  # let the drop answer leave before the node starts leaving
+DEMAND_PUBLISH_INTERVAL_S = 10.0
 
 
 class Node:
@@ -84,33 +96,127 @@ class Node:
         self.peers: PeerManager | None = None
         self.token: str | None = None
         self._hardware: HardwareInfo | None = None
+        self._tunnels: RpcTunnels | None = None
+        self._fast_lane: FastLaneServer | None = None
         self.api_url = f"http://{config.api.host}:{config.api.port}/v1"
+        self._shutdown: asyncio.Event | None = None
+        self._demand = DemandMeter()
 
     # -- ModelDirectory (API) and StatusSource (console) ---------------------------------
 
     def model_statuses(self) -> Sequence[ModelStatus]:
-        local = [server.status for server in self._servers]
-        known = {s.name for s in local} | {a for s in local for a in s.aliases}
-        remote: dict[str, str] = {}
+        """Every model this node serves, the mesh serves, or the mesh wants, with the remote
+        hosts serving each one ready (the router's input)."""
+        hosts: dict[str, list[str]] = {}
+        aliases: dict[str, tuple[str, ...]] = {}
+        loading: dict[str, str] = {}
         for record in self._known_records():
+            if record.node_id == self._node_id():
+                continue
             for model, info in record.serving.items():
-                if model not in known and record.node_id != self._node_id():
-                    remote.setdefault(model, record.node_id[:10] if info.ready else "")
+                if info.role == "worker":
+                    continue
+                if info.ready:
+                    hosts.setdefault(model, []).append(record.node_id)
+                    aliases.setdefault(model, info.aliases)
+                else:
+                    loading.setdefault(model, record.node_id)
             for model in record.requested_models:
-                remote.setdefault(model, "")
+                loading.setdefault(model, "")
         for model in self._wanted:
-            remote.setdefault(model, "")
-        statuses = list(local)
-        for model, host in remote.items():
-            if model in known:
+            loading.setdefault(model, "")
+        statuses = [
+            dataclasses.replace(server.status, remote=tuple(hosts.pop(server.status.name, ())))
+            for server in self._servers
+        ]
+        local = {s.name for s in statuses} | {a for s in statuses for a in s.aliases}
+        for model, nodes in hosts.items():
+            if model not in local:
+                statuses.append(
+                    ModelStatus(
+                        ModelName(model),
+                        ModelState.READY,
+                        aliases=aliases.get(model, ()),
+                        host=nodes[0],
+                        remote=tuple(nodes),
+                    )
+                )
+                local.add(model)
+        for model, node in loading.items():
+            if model in local:
                 continue
             reason = (
-                f"served by node {host}; routing requests across the mesh is not implemented yet"
-                if host
+                f"loading on node {node[:10]}"
+                if node
                 else "wanted by the mesh; no node serves it yet"
             )
-            statuses.append(ModelStatus(ModelName(model), ModelState.LOADING, reason, host=host))
+            statuses.append(ModelStatus(ModelName(model), ModelState.LOADING, reason, host=node))
         return statuses
+
+    # -- MeshAccess (API proxy) ---------------------------------------------------------
+
+    async def connection_for(self, node_id: str) -> QuicPeerConnection:
+        if self.peers is None:
+            raise PeerUnavailable("the mesh is not up yet")
+        return await self.peers.connection_for(node_id)
+
+    def report_failure(self, node_id: str, reason: str) -> None:
+        if self.peers is not None:
+            self.peers.report_failure(node_id, reason)
+
+    def count_request(self, model: str) -> None:
+        self._demand.observe(model, time.monotonic())
+
+    async def drop(self, model: str) -> tuple[int, dict[str, Any]]:
+        """`mesh-llm drop`: the node(s) serving `model` leave the mesh; this one forwards."""
+        local = await self.drop_local(model)
+        if local[0] != 404:
+            return local
+        status = next((m for m in self.model_statuses() if m.name == model), None)
+        if status is None or not status.remote:
+            return local
+        dropped: list[str] = []
+        errors: list[str] = []
+        for node_id in status.remote:
+            try:
+                connection = await self.connection_for(node_id)
+                upstream = await open_remote(
+                    connection,
+                    DROP_PATH,
+                    json.dumps({"model": model}).encode(),
+                    uuid.uuid4().hex,
+                    self._config.api,
+                )
+                try:
+                    async for _chunk in upstream.chunks():
+                        pass
+                finally:
+                    upstream.close()
+            except (MeshError, UpstreamFailed) as exc:
+                errors.append(f"{node_id[:10]}: {exc}")
+                continue
+            if upstream.status == 200:
+                dropped.append(node_id[:10])
+            else:
+                errors.append(f"{node_id[:10]} answered {upstream.status}")
+        if not dropped:
+            return 502, error_body(
+                502, f"could not drop {model}: {'; '.join(errors)}", "drop_failed"
+            )
+        return 200, {"dropped": model, "nodes": dropped, "errors": errors}
+
+    async def drop_local(self, model: str) -> tuple[int, dict[str, Any]]:
+        """Drop `model` if this node serves it: answer, then leave the mesh and exit 0."""
+        served = [s.status for s in self._servers]
+        if any(model == s.name or model in s.aliases for s in served):
+            log.info("dropping %s: leaving the mesh", model, extra={"event": "drop"})
+            if self._shutdown is not None:
+                asyncio.get_running_loop().call_later(DROP_EXIT_DELAY_S, self._shutdown.set)
+            short = self.identity.short_id if self.identity else ""
+            return 200, {"dropped": model, "nodes": [short]}
+        names = sorted({m.name for m in self.model_statuses() if m.routable})
+        message = f"no node serves {model!r}; served models: {', '.join(names) or 'none'}"
+        return 404, error_body(404, message, "model_not_found")
 
     def status(self) -> dict[str, Any]:
         config = self._config
@@ -134,11 +240,20 @@ class Node:
             },
             "token": self.token,
             "models": [
-                {"name": m.name, "state": m.state.value, "reason": m.reason, "host": m.host}
+                {
+                    "name": m.name,
+                    "state": m.state.value,
+                    "reason": m.reason,
+                    "host": m.host,
+                    "nodes": m.node_count,
+                    "remote_hosts": list(m.remote),
+                }
                 for m in self.model_statuses()
             ],
             "peers": snapshot["peers"],
             "clients": snapshot["clients"],
+            "fast_lane_port": self._fast_lane.port if self._fast_lane is not None else None,
+            "rpc_tunnels": self._tunnels.snapshot() if self._tunnels is not None else [],
         }
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -146,6 +261,7 @@ class Node:
     async def run(self, shutdown: asyncio.Event) -> None:
         """Run the node until `shutdown` is set; raises `MeshError` for fatal start-up errors."""
         config = self._config
+        self._shutdown = shutdown
         await asyncio.to_thread(sweep_stale_children, config.run_dir)
         self.identity = await asyncio.to_thread(
             load_or_create_identity,
@@ -159,10 +275,10 @@ class Node:
             self._hardware = await run_in_daemon_thread(lambda: detect_hardware(max_vram_bytes=cap))
             core = MeshCore(await self._initial_record(), config.mesh, random.Random(), _now())
         self.peers = PeerManager(self.identity, mesh, core, tokens=self._tokens, timings=config.net)
-        self._tunnels = QuicRpcTunnels(self.peers.connection_of)
         port = await self.peers.bind(config.net.bind_host, config.net.bind_port)
         addrs = (*config.net.advertise, *(format_addr(ip, port) for ip in _local_addresses()))
         if core is not None:
+            await self._start_fast_lane()
             self.peers.update_self(addrs=addrs)
             self.token = encode_token(
                 InviteToken(mesh.mesh_id, mesh.secret, self.identity.node_id, addrs)
@@ -175,6 +291,7 @@ class Node:
                 mesh_task = group.create_task(self.peers.run())
                 serving = []
                 if core is not None:
+                    assert self._tunnels is not None  # made with the fast lane
                     self._placement = Placement(
                         self.identity.node_id,
                         config,
@@ -188,6 +305,7 @@ class Node:
                     placement = self._placement
                     self.peers.rpc_port = lambda: placement.rpc_port
                     serving.append(group.create_task(self._placement.run()))
+                    serving.append(group.create_task(self._publish_demand()))
                 await shutdown.wait()
                 log.info("shutting down", extra={"event": "node_stopping"})
                 self._binaries.cancel.set()
@@ -197,13 +315,23 @@ class Node:
                         await site.stop()  # no new connections; in-flight ones get the grace
                 if self._placement is not None:
                     await self._placement.stop()
-                await self._tunnels.close_all()
+                await self._stop_fast_lane()
                 for task in (*serving, mesh_task):
                     task.cancel()
         finally:
             for runner in runners:
                 await runner.cleanup()
         log.info("node stopped", extra={"event": "node_stopped"})
+
+    async def _publish_demand(self) -> None:
+        """Gossip this node's request rates per model when they changed noticeably."""
+        published: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(DEMAND_PUBLISH_INTERVAL_S)
+            rates = self._demand.rates(time.monotonic())
+            if self.peers is not None and rates_changed(published, rates):
+                self.peers.update_self(demand=rates)
+                published = rates
 
     def kill_children_now(self) -> None:
         """Forced exit path (second signal): SIGKILL every child at once."""
@@ -214,12 +342,46 @@ class Node:
 
     # -- helpers --------------------------------------------------------------------------
 
+    async def _start_fast_lane(self) -> None:
+        """RPC tunnels to workers, and the fast-lane server that workers' hosts dial (§4, §8)."""
+        assert self.identity is not None and self.peers is not None
+        net, peers = self._config.net, self.peers
+        self._tunnels = RpcTunnels(
+            self.identity, peers, fast_lane_timeout_s=net.fast_lane_connect_timeout_s
+        )
+        self._fast_lane = await start_rpc_lane(
+            self.identity,
+            net.bind_host,
+            net.fast_lane_port,
+            members=lambda: (r.node_id for r in peers.records()),
+            rpc_port=lambda: self._placement.rpc_port if self._placement is not None else None,
+        )
+        peers.update_self(fast_lane_port=net.fast_lane_advertise_port or self._fast_lane.port)
+
+    async def _stop_fast_lane(self) -> None:
+        if self._tunnels is not None:
+            await self._tunnels.close_all()
+        if self._fast_lane is not None:
+            await self._fast_lane.close()
+
     def _node_id(self) -> str:
         return self.identity.node_id if self.identity else ""
 
     def _linked_peers(self) -> int:
         snapshot = self.peers.snapshot() if self.peers is not None else {"peers": []}
         return sum(1 for peer in snapshot["peers"] if peer["linked"])
+
+    def _tunnel_bytes(self) -> dict[tuple[str, str], int]:
+        """RPC tunnel bytes per (worker, direction) for `/metrics`."""
+        snapshot = self._tunnels.snapshot() if self._tunnels is not None else []
+        counts: dict[tuple[str, str], int] = {}
+        for tunnel in snapshot:
+            counts[(tunnel["short_id"], "up")] = tunnel["bytes_up"]
+            counts[(tunnel["short_id"], "down")] = tunnel["bytes_down"]
+        return counts
+
+    def _metric_sources(self) -> MetricSources:
+        return MetricSources(peer_count=self._linked_peers, tunnel_bytes=self._tunnel_bytes)
 
     def _role(self) -> str:
         if self._config.client:
@@ -287,13 +449,17 @@ class Node:
     async def _start_api(self) -> web.AppRunner:
         api = self._config.api
         runner = web.AppRunner(
-            create_app(self, api, MetricSources(peer_count=self._linked_peers)),
+            create_app(self, api, mesh=self, sources=self._metric_sources()),
             handler_cancellation=True,  # a client that goes away cancels its upstream request
             access_log=None,
             shutdown_timeout=self._config.shutdown_grace_s,
             **http_limits(api),
         )
         await runner.setup()
+        inbound = runner.app[INBOUND_KEY]
+        inbound.drop = self.drop_local  # a drop forwarded by another node: never forward again
+        if self.peers is not None:
+            self.peers.http_handler = inbound.serve
         await _start_site(runner, api.host, api.port, "--port")
         warn_if_exposed(api)
         self._announce(f"OpenAI API: {self.api_url}  (answers 503 until a model is ready)")

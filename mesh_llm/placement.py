@@ -213,7 +213,11 @@ class Placement:
         endpoints = [f"127.0.0.1:{await self._tunnels.open(NodeId(w))}" for w in plan.workers]
         if plan.workers and self._records()[self._id].backend == "cpu":
             # A CPU host has no offload device of its own: its share of the split goes to a
-            # local rpc-server listed last, matching the planner's device order.
+            # local rpc-server listed last, matching the planner's device order. Last, so it
+            # holds the output layer and the logits (~1 MB a token at a 262k vocabulary) never
+            # cross the network. Measured faster than keeping the share on llama-server's CPU
+            # with -ngl (which offloads the output layer to the worker) or with -ot
+            # (tests/bench/bench_split.py).
             endpoints.append(f"127.0.0.1:{await self._local_rpc_port()}")
         log.info(
             "host of %s: %s",
@@ -339,7 +343,8 @@ class Placement:
             plan = self._plan
             host = plan.host if plan is not None and plan.host else self._id
             role = "host" if plan is not None and host == self._id else "loading"
-            serving[self._server.model.name] = ServingInfo(role, ready, host)
+            aliases = self._server.status.aliases
+            serving[self._server.model.name] = ServingInfo(role, ready, host, aliases)
         split = (
             (self._server.model.name,)
             if self._config.backend.split and self._server is not None and self._server.model

@@ -1,8 +1,9 @@
-"""`mesh-llm status`: ask the running local node what it sees and print it.
+"""`mesh-llm status` and `mesh-llm drop`: talk to the running local node.
 
-Reads `GET /api/status` from the node's management endpoint on the console port (loopback) and
-prints the node, its models and its peers as tables, or the raw JSON with `--json`. Raises
-`PeerUnavailable` when no node answers on that port.
+`status` reads `GET /api/status` from the node's management endpoint on the console port
+(loopback) and prints the node, its models and its peers as tables, or the raw JSON with
+`--json`. `drop NAME` posts `/mesh/drop` to the local node's API (loopback), which forwards it to
+the node serving the model. Both raise `PeerUnavailable` when no node answers.
 """
 
 from __future__ import annotations
@@ -41,14 +42,15 @@ def show_status(config: Config, console: Console, *, as_json: bool) -> int:
     console.print(
         f"[bold]node[/] {node['short_id']} ({node['name']}), role {node['role']}, "
         f"{_gib(node['vram_bytes'])} {node['backend']}, QUIC port {node['mesh_port']}, "
-        f"API {node['api_url']}",
+        f"fast lane TCP port {status.get('fast_lane_port') or '-'}, API {node['api_url']}",
         highlight=False,
     )
     models = Table(title="models")
-    for column in ("model", "state", "host / reason"):
+    for column in ("model", "state", "nodes", "host / reason"):
         models.add_column(column)
     for model in status["models"]:
-        models.add_row(model["name"], model["state"], model["reason"] or model["host"])
+        where = model["reason"] or model["host"][:10]
+        models.add_row(model["name"], model["state"], str(model.get("nodes", "")), where)
     console.print(models)
     peers = Table(title=f"peers ({len(status['peers'])}; passive clients: {status['clients']})")
     for column in ("node", "name", "state", "address", "RTT", "role", "VRAM", "on disk", "serving"):
@@ -71,8 +73,64 @@ def show_status(config: Config, console: Console, *, as_json: bool) -> int:
             serving or "-",
         )
     console.print(peers)
+    _show_tunnels(console, status.get("rpc_tunnels", []))
     return 0
+
+
+def _show_tunnels(console: Console, tunnels: list[dict[str, Any]]) -> None:
+    """The RPC tunnels of a split host: lane per worker (fast = TCP+TLS, quic) and why."""
+    if not tunnels:
+        return
+    table = Table(title="rpc tunnels (this node hosts a split)")
+    for column in ("worker", "local port", "lane", "sessions", "sent", "received", "why"):
+        table.add_column(column, overflow="fold")
+    for tunnel in tunnels:
+        table.add_row(
+            tunnel["short_id"],
+            str(tunnel["port"]),
+            tunnel["lane"],
+            str(tunnel["connections"]),
+            f"{tunnel['bytes_up'] / 1e6:.1f} MB",
+            f"{tunnel['bytes_down'] / 1e6:.1f} MB",
+            tunnel["reason"] or "-",
+        )
+    console.print(table)
 
 
 def _gib(size: int) -> str:
     return f"{size / 2**30:.1f} GiB"
+
+
+def drop_model(config: Config, name: str, console: Console) -> int:
+    """Ask the local node to make the node(s) serving `name` leave the mesh."""
+    url = f"http://127.0.0.1:{config.api.port}/mesh/drop"
+    request = urllib.request.Request(
+        url,
+        data=json.dumps({"model": name}).encode(),
+        headers={"Content-Type": "application/json", **auth_headers(config)},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=config.net.status_request_timeout_s) as resp:
+            answer: dict[str, Any] = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {exc.code}"
+        Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise PeerUnavailable(
+            f"no mesh-llm node answers on 127.0.0.1:{config.api.port} ({exc}); is one running "
+            f"here? If its API uses another port, pass --port PORT"
+        ) from exc
+    nodes = ", ".join(answer.get("nodes", []))
+    console.print(f"dropped {answer.get('dropped', name)}: node {nodes} is leaving the mesh")
+    return 0
+
+
+def auth_headers(config: Config) -> dict[str, str]:
+    """The API key header for the local node's API, when one is configured."""
+    key = config.api.api_key
+    return {"Authorization": f"Bearer {key}"} if key else {}

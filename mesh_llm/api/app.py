@@ -1,10 +1,12 @@
 """The node's HTTP API: OpenAI-compatible `/v1/*`, health and readiness.
 
 `create_app` builds an aiohttp application over a `ModelDirectory` (what models exist and where
-they are served). Each request is validated, routed by the pure `choose_route`, and streamed
-through `proxy.forward`. Every error is OpenAI-shaped JSON, produced in one middleware. The API
-answers from the first second of a node's life: 503 with `Retry-After` and a reason while
-nothing is ready. Request ids, the API key, the queue depth (429) and `/metrics` are added by
+they are served) and, on a mesh node, a `MeshAccess` (how to reach other hosts). Each request is
+validated, then routed and streamed by `proxy.Proxy` (local backend or another node, with
+failover). Every error is OpenAI-shaped JSON. The API answers from the first second of a node's
+life: 503 with `Retry-After` and a reason while nothing is ready. The app also owns the
+`InboundRequests` server that answers other nodes' requests over QUIC (same HTTP session).
+Request ids, the API key, head limits, the queue depth (429) and `/metrics` come from
 `operations`.
 """
 
@@ -13,35 +15,36 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
 from mesh_llm.api import operations
+from mesh_llm.api.inbound import DROP_PATH, InboundRequests
 from mesh_llm.api.metrics import MetricSources
 from mesh_llm.api.openai import PROXIED_PATHS, InvalidRequest, error_body, validate_request
-from mesh_llm.api.proxy import forward
+from mesh_llm.api.proxy import MeshAccess, ModelDirectory, Proxy, json_error
 from mesh_llm.api.request_id import request_id_of
+from mesh_llm.api.upstream import UPSTREAM_KEEPALIVE_S
 from mesh_llm.config import ApiConfig
-from mesh_llm.core.router import ModelState, ModelStatus, RouteRefused, choose_route
 
 log = logging.getLogger(__name__)
 
 UPSTREAM_CONNECTIONS_MAX = 256
-SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
+LOOPBACK_PEERS = frozenset({"127.0.0.1", "::1"})
+PROXY_KEY = web.AppKey("proxy", Proxy)
+INBOUND_KEY = web.AppKey("inbound", InboundRequests)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-class ModelDirectory(Protocol):
-    """What the API needs from the node: the status of every model it knows."""
-
-    def model_statuses(self) -> Sequence[ModelStatus]: ...
+__all__ = ["INBOUND_KEY", "PROXY_KEY", "ModelDirectory", "create_app", "json_error"]
 
 
 def create_app(
-    directory: ModelDirectory, config: ApiConfig, sources: MetricSources | None = None
+    directory: ModelDirectory,
+    config: ApiConfig,
+    mesh: MeshAccess | None = None,
+    sources: MetricSources | None = None,
 ) -> web.Application:
     """The aiohttp application of the API (not yet bound to a socket).
 
@@ -50,28 +53,27 @@ def create_app(
     middlewares = operations.middlewares_around(_errors, config)
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     operations.install(app, directory, config, sources)
+    metrics, admission = app[operations.METRICS_KEY], app[operations.ADMISSION_KEY]
     api = _Api(directory, config)
+
+    async def client_session(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(
+            limit=UPSTREAM_CONNECTIONS_MAX, keepalive_timeout=UPSTREAM_KEEPALIVE_S
+        )
+        async with aiohttp.ClientSession(connector=connector) as session:
+            app[PROXY_KEY] = Proxy(directory, mesh, session, config, metrics, admission)
+            app[INBOUND_KEY] = InboundRequests(directory, session, config, admission)
+            yield
+
     app.router.add_get("/v1/models", api.models)
     for path in PROXIED_PATHS:
         app.router.add_post(path, api.proxy)
+    if mesh is not None:
+        app.router.add_post(DROP_PATH, _drop_handler(mesh))
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
-    app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(client_session)
     return app
-
-
-async def _client_session(app: web.Application) -> AsyncIterator[None]:
-    connector = aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS_MAX)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        app[SESSION_KEY] = session
-        yield
-
-
-def json_error(
-    status: int, message: str, code: str, *, retry_after_s: int | None = None
-) -> web.Response:
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    return web.json_response(error_body(status, message, code), status=status, headers=headers)
 
 
 @web.middleware
@@ -90,6 +92,23 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return json_error(exc.status, exc.reason, exc.reason.lower().replace(" ", "_"))
 
 
+def _drop_handler(mesh: MeshAccess) -> Handler:
+    async def drop(request: web.Request) -> web.StreamResponse:
+        if request.remote not in LOOPBACK_PEERS:
+            return json_error(403, "/mesh/drop is only answered on loopback", "forbidden")
+        try:
+            body = json.loads(await request.read())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("'model' (a string) is required", "model")
+        status, document = await mesh.drop(model)
+        return web.json_response(document, status=status)
+
+    return drop
+
+
 class _Api:
     def __init__(self, directory: ModelDirectory, config: ApiConfig) -> None:
         self._directory = directory
@@ -103,10 +122,10 @@ class _Api:
                 "created": int(time.time()),
                 "owned_by": "mesh-llm",
                 "meta": {
-                    "state": "warm" if m.state is ModelState.READY else "cold",
+                    "state": "warm" if m.routable else "cold",
                     "status": m.state.value,
                     "reason": m.reason,
-                    "nodes": 1 if m.state is ModelState.READY else 0,
+                    "nodes": m.node_count,
                     "host": m.host,
                     "aliases": list(m.aliases),
                 },
@@ -123,31 +142,14 @@ class _Api:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
         requested = validate_request(request.path, body)
-        statuses = self._directory.model_statuses()
-        route = choose_route(requested, statuses, retry_after_s=self._config.retry_after_s)
-        if isinstance(route, RouteRefused):
-            operations.count_refusal(request, requested, statuses, route.status)
-            return json_error(
-                route.status, route.message, route.code, retry_after_s=route.retry_after_s
-            )
-        log.debug("request %s %s → %s", request_id, request.path, route.endpoint)
-        session = request.app[SESSION_KEY]
-        return await operations.serve_admitted(
-            request,
-            route.model,
-            "local",
-            self._config,
-            lambda observation: forward(
-                request, session, route, raw, self._config, request_id, observation
-            ),
-        )
+        return await request.app[PROXY_KEY].handle(request, requested, raw, request_id)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
         statuses = self._directory.model_statuses()
-        ready = [m.name for m in statuses if m.state is ModelState.READY]
+        ready = [m.name for m in statuses if m.routable]
         if ready:
             return web.json_response({"status": "ready", "models": ready})
         reasons = "; ".join(f"{m.name}: {m.reason or m.state.value}" for m in statuses)

@@ -56,7 +56,8 @@ class MetricSources:
 
     peer_count: Callable[[], int] | None = None
     backend_states: Callable[[], Mapping[str, str]] | None = None  # model → state
-    tunnel_bytes: Callable[[], Mapping[str, int]] | None = None  # tunnel → bytes carried
+    # (worker, direction "up"/"down") → bytes its RPC tunnel carried
+    tunnel_bytes: Callable[[], Mapping[tuple[str, str], int]] | None = None
     queue_depth: Callable[[], Mapping[str, int]] | None = None  # model → requests in flight
     queue_capacity: int | None = None
 
@@ -106,9 +107,12 @@ class ApiMetrics:
         )
         self.registry.register(_SourcesCollector(sources))
 
-    def request_started(self, model: str, route: RouteKind) -> RequestObservation:
-        """Start observing one request that goes to a backend (`model` must be a known name)."""
-        return RequestObservation(self, model, route, self._clock())
+    def request_started(
+        self, model: str, route: RouteKind, *, started: float | None = None
+    ) -> RequestObservation:
+        """Start observing one request that goes to a backend (`model` must be a known name);
+        `started` (this clock) is when the request arrived, default now."""
+        return RequestObservation(self, model, route, self._clock() if started is None else started)
 
     def request_refused(self, model: str, route: RouteKind, status: int) -> None:
         """Count a request answered without a backend (unknown model ⇒ pass model="")."""
@@ -133,6 +137,14 @@ class RequestObservation:
         self._first_byte_seen = False
         self._done = False
         metrics.in_flight.labels(*self._labels).inc()
+
+    def reroute(self, route: RouteKind) -> None:
+        """The request was retried on a backend of another kind (local ⇄ remote)."""
+        if self._done or route == self._labels[1]:
+            return
+        self._metrics.in_flight.labels(*self._labels).dec()
+        self._labels = (self._labels[0], route)
+        self._metrics.in_flight.labels(*self._labels).inc()
 
     def response_head(self, status: int, content_type: str) -> None:
         """The backend answered with this status and `Content-Type`."""
@@ -224,10 +236,12 @@ class _SourcesCollector(Collector):
         if self._sources.tunnel_bytes is None:
             return
         family = CounterMetricFamily(
-            "mesh_llm_tunnel_bytes", "Bytes carried by tunnels to peers", labels=("tunnel",)
+            "mesh_llm_tunnel_bytes",
+            "Bytes carried by the RPC tunnels to workers (up: host to worker)",
+            labels=("worker", "direction"),
         )
-        for tunnel, count in self._sources.tunnel_bytes().items():
-            family.add_metric((tunnel,), count)
+        for (worker, direction), count in self._sources.tunnel_bytes().items():
+            family.add_metric((worker, direction), count)
         yield family
 
     def _queue(self) -> Iterator[Metric]:

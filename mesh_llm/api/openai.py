@@ -25,6 +25,7 @@ _REQUIRED_FIELD: dict[str, tuple[str, type | tuple[type, ...]]] = {
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",

@@ -1,29 +1,28 @@
 """The operational layer of the API app: request ids, API key, head limits, queue depth, metrics.
 
 `create_app` calls `middlewares_around(errors, config)` and `install(app, directory, config,
-sources)`; the node passes `http_limits(config)` to its `AppRunner`. Request handlers call
-`serve_admitted(request, model, route, config, call)` to run one request to a backend under the
-per-model admission counter (local routes: 429 when full) and a metrics observation, and
-`count_refusal` for requests refused before any backend. Imports neither the proxy nor the
-router's decisions: the handler decides the route, this module only accounts for it.
+sources)`, which puts one `LocalAdmission` (per-model queue depth of this node's backends,
+shared by the proxy and by requests other nodes send over QUIC) and one `ApiMetrics` on the app;
+the node passes `http_limits(config)` to its `AppRunner`. `queue_full` is the 429 answer.
+Imports neither the proxy nor the router's decisions: they decide, this module accounts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol, TypedDict
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from mesh_llm.api.admission import LocalAdmission, Release
+from mesh_llm.api.admission import LocalAdmission
 from mesh_llm.api.auth import bearer_auth
-from mesh_llm.api.metrics import ApiMetrics, MetricSources, RequestObservation, RouteKind
+from mesh_llm.api.metrics import ApiMetrics, MetricSources
 from mesh_llm.api.openai import error_body
 from mesh_llm.api.request_id import add_request_id_header, request_ids
 from mesh_llm.config import ApiConfig
-from mesh_llm.core.router import ModelStatus, match_model
+from mesh_llm.core.router import ModelStatus
 
 METRICS_KEY = web.AppKey("metrics", ApiMetrics)
 ADMISSION_KEY = web.AppKey("admission", LocalAdmission)
@@ -89,52 +88,17 @@ def _sources(
     )
 
 
-def count_refusal(
-    request: web.Request, requested: str | None, statuses: Sequence[ModelStatus], status: int
-) -> None:
-    """Count a request refused before any backend (labelled by known model names only)."""
-    known = match_model(requested, statuses)  # never a label from a client's string
-    request.app[METRICS_KEY].request_refused(known.name if known else "", "none", status)
-
-
-async def serve_admitted(
-    request: web.Request,
-    model: str,
-    route: RouteKind,
-    config: ApiConfig,
-    call: Callable[[RequestObservation], Awaitable[web.StreamResponse]],
-) -> web.StreamResponse:
-    """Run `call` for a request to `model` under admission (local routes) and metrics.
-
-    A local model with `queue_depth` requests in flight answers 429 with `Retry-After`.
-    """
-    release: Release = _nothing
-    if route == "local":
-        acquired = request.app[ADMISSION_KEY].try_acquire(model)
-        if acquired is None:
-            return _queue_full(request, model, config)
-        release = acquired
-    try:
-        with request.app[METRICS_KEY].request_started(model, route) as observation:
-            response = await call(observation)
-            observation.finished(response.status)
-            return response
-    finally:
-        release()
-
-
-def _nothing() -> None:
-    return None
-
-
-def _queue_full(request: web.Request, model: str, config: ApiConfig) -> web.Response:
-    request.app[METRICS_KEY].request_refused(model, "local", QUEUE_FULL_STATUS)
-    message = (
+def queue_full_message(model: str, config: ApiConfig) -> str:
+    return (
         f"{model} on this node already has {config.queue_depth} requests in flight (its queue "
         f"depth); retry after {config.busy_retry_after_s} s"
     )
+
+
+def queue_full(model: str, config: ApiConfig, request_id: str) -> web.Response:
+    """429 for a request to `model` when this node already has `queue_depth` in flight."""
     return web.json_response(
-        error_body(QUEUE_FULL_STATUS, message, "queue_full"),
+        error_body(QUEUE_FULL_STATUS, queue_full_message(model, config), "queue_full"),
         status=QUEUE_FULL_STATUS,
-        headers={"Retry-After": str(config.busy_retry_after_s)},
+        headers={"Retry-After": str(config.busy_retry_after_s), "X-Request-Id": request_id},
     )

@@ -1,97 +1,304 @@
-"""Streaming proxy of one OpenAI request to a llama-server endpoint.
+"""Streaming proxy of one OpenAI request to the backend chosen for it, local or remote.
 
-Forwards the already-validated body and streams the response back chunk by chunk as it arrives
-(no buffering of whole responses). Timeouts are per phase: connect, first byte, idle between
-chunks — never one total timeout over a stream. When the client goes away the handler is
-cancelled and the upstream connection is closed, which makes llama-server stop generating.
-Upstream failures before any byte was sent become a 502 OpenAI error; after bytes were sent, an
-SSE stream ends with an error event.
+`Proxy.handle` asks the pure router for a backend (least in-flight, local first on ties),
+opens the upstream (`api/upstream.py`), and relays the answer chunk by chunk, unbuffered.
+Failover: when the upstream fails before its response head — the host died, its stream was
+reset, its backend refused with 429/502/503 — the request is retried once on another replica
+(or on a backend elected since), and a failed remote host is reported to the mesh at once. After
+bytes were sent, an SSE stream ends with an OpenAI-style error event; a plain body is cut (the
+connection is closed, so the client cannot mistake it for a whole answer). When the client goes
+away, the handler is cancelled and the upstream is closed (stream reset over QUIC), which makes
+llama-server stop generating.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 
-from mesh_llm.api.metrics import RequestObservation
+from mesh_llm.api.admission import LocalAdmission, Release
+from mesh_llm.api.metrics import (
+    CLIENT_CLOSED_STATUS,
+    ERROR_STATUS,
+    ApiMetrics,
+    RequestObservation,
+    RouteKind,
+)
 from mesh_llm.api.openai import error_body
+from mesh_llm.api.operations import queue_full
+from mesh_llm.api.upstream import Upstream, UpstreamFailed, open_local, open_remote
 from mesh_llm.config import ApiConfig
-from mesh_llm.core.router import Route
+from mesh_llm.core.router import (
+    LOCAL,
+    ModelStatus,
+    Route,
+    RouteRefused,
+    choose_route,
+    match_model,
+)
+from mesh_llm.errors import MeshError
+from mesh_llm.net.quic import QuicPeerConnection
 
 log = logging.getLogger(__name__)
 
-_COPIED_HEADERS = ("Content-Type",)
+MAX_ATTEMPTS = 2  # the first choice, then one retry on another replica
+RETRYABLE_STATUSES = frozenset({429, 502, 503})  # a host refused before producing anything
 
 
-async def forward(
-    request: web.Request,
-    session: aiohttp.ClientSession,
-    route: Route,
-    body: bytes,
-    config: ApiConfig,
-    request_id: str,
-    observation: RequestObservation | None = None,
-) -> web.StreamResponse:
-    """Send `body` to `route` and stream the upstream answer back to `request`.
+class ModelDirectory(Protocol):
+    """What the API needs from the node: the status of every model it knows."""
 
-    `observation` (metrics) is told the response head and every chunk relayed.
-    """
-    url = route.endpoint + request.path
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        sock_connect=config.upstream_connect_timeout_s,
-        sock_read=config.idle_chunk_timeout_s,
-    )
-    headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
-    try:
-        async with asyncio.timeout(config.first_byte_timeout_s):
-            upstream = await session.post(url, data=body, headers=headers, timeout=timeout)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        log.warning("request %s: upstream %s failed before answering: %r", request_id, url, exc)
-        return web.json_response(
-            error_body(502, f"the backend for {route.model} failed: {exc!r}", "upstream_failed"),
-            status=502,
-            headers={"X-Request-Id": request_id},
+    def model_statuses(self) -> Sequence[ModelStatus]: ...
+
+
+class MeshAccess(Protocol):
+    """How the proxy reaches other nodes (absent on a node without a mesh, e.g. in tests)."""
+
+    async def connection_for(self, node_id: str) -> QuicPeerConnection:
+        """An admitted QUIC connection to `node_id`; raises `MeshError` when unreachable."""
+        ...
+
+    def report_failure(self, node_id: str, reason: str) -> None: ...
+
+    def count_request(self, model: str) -> None: ...
+
+    async def drop(self, model: str) -> tuple[int, dict[str, Any]]:
+        """`POST /mesh/drop`: the node serving `model` leaves; (HTTP status, JSON body)."""
+        ...
+
+
+def json_error(
+    status: int,
+    message: str,
+    code: str,
+    *,
+    retry_after_s: int | None = None,
+    request_id: str | None = None,
+) -> web.Response:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else {}
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
+    return web.json_response(error_body(status, message, code), status=status, headers=headers)
+
+
+class Proxy:
+    """Routes and relays API requests; owns this node's in-flight counts per backend."""
+
+    def __init__(
+        self,
+        directory: ModelDirectory,
+        mesh: MeshAccess | None,
+        session: aiohttp.ClientSession,
+        config: ApiConfig,
+        metrics: ApiMetrics,
+        admission: LocalAdmission,
+    ) -> None:
+        self._directory = directory
+        self._metrics = metrics
+        self._admission = admission
+        self._mesh = mesh
+        self._session = session
+        self._config = config
+        self._rotation = itertools.count()
+        self.in_flight: Counter[str] = Counter()
+
+    async def handle(
+        self, request: web.Request, requested: str | None, body: bytes, request_id: str
+    ) -> web.StreamResponse:
+        started = self._metrics.now()
+        statuses = self._directory.model_statuses()
+        model = match_model(requested, statuses)
+        if model is not None and self._mesh is not None:
+            self._mesh.count_request(model.name)
+        attempt = _Attempt(self._metrics, model.name if model is not None else "", started)
+        try:
+            response = await self._route(request, requested, statuses, body, request_id, attempt)
+        except asyncio.CancelledError:
+            attempt.finished(CLIENT_CLOSED_STATUS)
+            raise
+        except BaseException:
+            attempt.finished(ERROR_STATUS)
+            raise
+        attempt.finished(response.status)
+        return response
+
+    async def _route(
+        self,
+        request: web.Request,
+        requested: str | None,
+        statuses: Sequence[ModelStatus],
+        body: bytes,
+        request_id: str,
+        attempt: _Attempt,
+    ) -> web.StreamResponse:
+        model = match_model(requested, statuses)
+        rotation = next(self._rotation)
+        exclude: set[str] = set()
+        last_error = ""
+        for number in range(MAX_ATTEMPTS):
+            route = self._choose(requested, statuses, exclude, rotation)
+            if isinstance(route, RouteRefused):
+                message = f"{route.message} ({last_error})" if last_error else route.message
+                status, code = route.status, route.code
+                if last_error and status != 502:
+                    status, code = 502, "upstream_failed"  # no other replica could take it
+                return json_error(
+                    status,
+                    message,
+                    code,
+                    retry_after_s=route.retry_after_s if status in (503, 429) else None,
+                    request_id=request_id,
+                )
+            release: Release | None = None
+            if route.endpoint is not None:
+                release = self._admission.try_acquire(route.model)
+                if release is None:
+                    last_error = f"the local queue of {route.model} is full"
+                    if number + 1 < MAX_ATTEMPTS and self._has_other(requested, {*exclude, LOCAL}):
+                        log.info("request %s: %s; trying a replica", request_id, last_error)
+                        exclude.add(LOCAL)
+                        continue
+                    return queue_full(route.model, self._config, request_id)
+            log.debug("request %s %s → %s", request_id, request.path, _where(route))
+            observation = attempt.on(route)
+            self.in_flight[route.key] += 1
+            try:
+                try:
+                    upstream = await self._open(route, request.path, body, request_id)
+                except UpstreamFailed as exc:
+                    last_error = str(exc)
+                    log.warning("request %s: %s; %s", request_id, exc, _retry_note(number))
+                    self._report(route, last_error)
+                    exclude.add(route.key)
+                    continue
+                try:
+                    retry = upstream.status in RETRYABLE_STATUSES and number + 1 < MAX_ATTEMPTS
+                    if retry and self._has_other(requested, exclude | {route.key}):
+                        last_error = f"{_where(route)} answered {upstream.status}"
+                        log.info("request %s: %s; retrying elsewhere", request_id, last_error)
+                        exclude.add(route.key)
+                        continue
+                    return await _relay(request, upstream, request_id, observation)
+                finally:
+                    upstream.close()
+            finally:
+                self.in_flight[route.key] -= 1
+                if release is not None:
+                    release()
+        name = model.name if model is not None else requested
+        return json_error(
+            502,
+            f"the backend for {name} failed and the retry failed too ({last_error})",
+            "upstream_failed",
+            request_id=request_id,
         )
-    try:
-        return await _relay(request, upstream, request_id, observation)
-    finally:
-        # close(), not release(): a half-read response must drop the connection so that
-        # llama-server sees the disconnect and frees the slot.
-        upstream.close()
+
+    def _choose(
+        self,
+        requested: str | None,
+        statuses: Sequence[ModelStatus],
+        exclude: set[str],
+        rotation: int,
+    ) -> Route | RouteRefused:
+        return choose_route(
+            requested,
+            statuses,
+            retry_after_s=self._config.retry_after_s,
+            in_flight=self.in_flight,
+            exclude=exclude,
+            rotation=rotation,
+        )
+
+    def _has_other(self, requested: str | None, exclude: set[str]) -> bool:
+        statuses = self._directory.model_statuses()
+        return isinstance(self._choose(requested, statuses, exclude, 0), Route)
+
+    async def _open(self, route: Route, path: str, body: bytes, request_id: str) -> Upstream:
+        if route.endpoint is not None:
+            return await open_local(
+                self._session, route.endpoint, path, body, request_id, self._config
+            )
+        assert route.node_id is not None
+        if self._mesh is None:
+            raise UpstreamFailed("this node has no mesh to reach other hosts")
+        try:
+            connection = await self._mesh.connection_for(route.node_id)
+        except MeshError as exc:
+            raise UpstreamFailed(f"cannot reach {_where(route)}: {exc}") from exc
+        return await open_remote(connection, path, body, request_id, self._config)
+
+    def _report(self, route: Route, reason: str) -> None:
+        if route.node_id is not None and self._mesh is not None:
+            self._mesh.report_failure(route.node_id, reason)
+
+
+def _where(route: Route) -> str:
+    return f"node {route.node_id[:10]}" if route.node_id is not None else "the local backend"
+
+
+def _retry_note(attempt: int) -> str:
+    return "retrying on another replica" if attempt + 1 < MAX_ATTEMPTS else "giving up"
+
+
+class _Attempt:
+    """The metrics of one request across its attempts: refused before any backend (route
+    "none"), or observed from the first backend tried, moved when a retry changes the route."""
+
+    def __init__(self, metrics: ApiMetrics, model: str, started: float) -> None:
+        self._metrics = metrics
+        self._model = model
+        self._started = started
+        self._observation: RequestObservation | None = None
+
+    def on(self, route: Route) -> RequestObservation:
+        kind: RouteKind = "local" if route.endpoint is not None else "remote"
+        if self._observation is None:
+            self._observation = self._metrics.request_started(
+                self._model, kind, started=self._started
+            )
+        else:
+            self._observation.reroute(kind)
+        return self._observation
+
+    def finished(self, status: int) -> None:
+        if self._observation is not None:
+            self._observation.finished(status)
+        else:
+            self._metrics.request_refused(self._model, "none", status)
 
 
 async def _relay(
-    request: web.Request,
-    upstream: aiohttp.ClientResponse,
-    request_id: str,
-    observation: RequestObservation | None,
+    request: web.Request, upstream: Upstream, request_id: str, observation: RequestObservation
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status)
-    for name in _COPIED_HEADERS:
-        if name in upstream.headers:
-            response.headers[name] = upstream.headers[name]
+    for name, value in upstream.headers.items():
+        response.headers[name] = value
     response.headers["X-Request-Id"] = request_id
     is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     if is_sse:
         response.headers["Cache-Control"] = "no-cache"
-    if observation is not None:
-        observation.response_head(upstream.status, upstream.headers.get("Content-Type", ""))
+    observation.response_head(upstream.status, upstream.headers.get("Content-Type", ""))
     await response.prepare(request)
     try:
-        async for chunk in upstream.content.iter_any():
-            if observation is not None:
-                observation.body_chunk(chunk)
+        async for chunk in upstream.chunks():
+            observation.body_chunk(chunk)
             await response.write(chunk)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        log.warning("request %s: upstream failed mid-response: %r", request_id, exc)
+    except UpstreamFailed as exc:
+        log.warning("request %s: %s", request_id, exc)
         if is_sse:
-            event = error_body(502, f"the backend failed mid-stream: {exc!r}", "upstream_failed")
+            event = error_body(502, str(exc), "upstream_failed")
             await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            await response.write_eof()
+        elif request.transport is not None:
+            request.transport.close()  # a cut body must not look complete
         return response
     await response.write_eof()
     return response

@@ -50,6 +50,8 @@ from mesh_llm.wire.messages import (
     Hello,
     HelloFinish,
     HelloReply,
+    HttpRequestHead,
+    HttpResponseHead,
     Leaving,
     Message,
     NodeRecord,
@@ -210,6 +212,17 @@ class MeshCore:
         self._dispatch(peer, msg, now)
         self._after_input(now)
 
+    def report_failure(self, peer: str, now: float) -> None:
+        """On-use detection: a request to linked `peer` failed. Probe it directly now; with no
+        answer within the probe timeout it is declared dead (as after a peer-down notice)."""
+        link = self._links.get(peer)
+        if link is None or link.probe_deadline is not None:
+            return
+        link.probe_deadline = now + self._timings.probe_timeout_s
+        self._ping(peer, link, now)
+        self._arm(link.probe_deadline)
+        self._after_input(now)
+
     def tick(self, now: float) -> None:
         """Run every timer due at `now`: expiries, liveness, heartbeat, gossip, dials."""
         self._dead = {node: until for node, until in self._dead.items() if until > now}
@@ -268,8 +281,10 @@ class MeshCore:
                 | Refused()
                 | RouteRequest()
                 | RouteReply()
+                | HttpRequestHead()
+                | HttpResponseHead()
             ):
-                pass  # admission and passive-client routes belong to the shell
+                pass  # admission, passive-client routes and API streams belong to the shell
             case _:
                 assert_never(msg)
 

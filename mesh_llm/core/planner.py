@@ -14,6 +14,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from mesh_llm.core.demand import mesh_demand
 from mesh_llm.wire.messages import NodeRecord
 
 FIT_FACTOR = 1.1
@@ -142,7 +143,8 @@ def _rtt(host: NodeRecord, other: NodeRecord) -> float:
 def assign_model(self_id: str, records: Mapping[str, NodeRecord]) -> str | None:
     """For a node without --model: a model the mesh requests that nobody serves yet, that is on
     this node's disk and fits its VRAM (weights only: the KV cache is unknown before reading the
-    file). Concurrent joiners spread over the candidates by a hash of their node id."""
+    file). The candidate with the most request demand (gossiped rates) wins; without demand,
+    concurrent joiners spread over the candidates by a hash of their node id."""
     me = records.get(self_id)
     if me is None:
         return None
@@ -155,4 +157,8 @@ def assign_model(self_id: str, records: Mapping[str, NodeRecord]) -> str | None:
     )
     if not candidates:
         return None
+    demand = mesh_demand([r.demand for r in records.values()])
+    busiest = max(demand.get(m, 0.0) for m in candidates)
+    if busiest > 0.0:
+        candidates = [m for m in candidates if demand.get(m, 0.0) == busiest]
     return candidates[int(hashlib.sha256(self_id.encode()).hexdigest(), 16) % len(candidates)]

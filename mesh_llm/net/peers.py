@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
@@ -44,7 +44,7 @@ from mesh_llm.net.admission import (
     admit_outbound,
 )
 from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream, StreamReset
-from mesh_llm.net.rpc_tunnel import serve_rpc_stream
+from mesh_llm.net.tunnel import serve_rpc_stream
 from mesh_llm.token import InviteToken, parse_addr
 from mesh_llm.wire.codec import DecodeError
 from mesh_llm.wire.messages import (
@@ -57,6 +57,8 @@ from mesh_llm.wire.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+HttpHandler = Callable[[QuicStream, str], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -116,6 +118,8 @@ class PeerManager:
         self.routes = RouteTable()
         self.listeners = _Listeners()
         self.rpc_port: Callable[[], int | None] = lambda: None  # set when this node is a worker
+        self.http_handler: HttpHandler | None = None  # answers API requests from other nodes
+        self._on_demand: dict[NodeId, asyncio.Task[_Link]] = {}  # client mode: links to hosts
 
     @property
     def is_client(self) -> bool:
@@ -170,6 +174,63 @@ class PeerManager:
     def connection_of(self, node_id: NodeId) -> QuicPeerConnection | None:
         link = self._links.get(node_id)
         return link.connection if link is not None else None
+
+    async def connection_for(self, node_id: str) -> QuicPeerConnection:
+        """An admitted connection to `node_id` for API requests; raises `PeerUnavailable`.
+
+        A mesh member uses its gossip link. A passive client dials the host on demand (the
+        address comes from the routing table) and keeps the connection while it lives."""
+        peer = NodeId(node_id)
+        link = self._links.get(peer)
+        if link is not None and not link.connection.is_closed:
+            return link.connection
+        if not self.is_client:
+            raise PeerUnavailable(f"no link to {short_id(peer)}")
+        task = self._on_demand.get(peer)
+        if task is None or (task.done() and _dead_link(task)):
+            record = next((r for r in self.routes.records if r.node_id == node_id), None)
+            if record is None:
+                raise PeerUnavailable(f"{short_id(peer)} is not in the routing table")
+            task = asyncio.get_running_loop().create_task(self._dial_on_demand(record))
+            self._on_demand[peer] = task
+        try:
+            return (await asyncio.shield(task)).connection
+        except MeshError:
+            self._on_demand.pop(peer, None)
+            raise
+
+    def report_failure(self, node_id: str, reason: str) -> None:
+        """On-use detection: an API request to `node_id` failed before its answer."""
+        log.info("request to %s failed: %s", short_id(NodeId(node_id)), reason)
+        if self._core is not None:
+            self._core.report_failure(node_id, asyncio.get_running_loop().time())
+            self._pump()
+            return
+        task = self._on_demand.pop(NodeId(node_id), None)
+        if task is not None and task.done() and not task.cancelled() and not task.exception():
+            task.result().connection.close_with(RefuseCode.SHUTTING_DOWN, "request failed")
+        source = self._links.get(self.routes.source) if self.routes.source else None
+        if source is not None and self._group is not None:
+            self._group.create_task(self._refresh_routes(source))
+
+    async def _dial_on_demand(self, record: NodeRecord) -> _Link:
+        link = await self._dial(record.addrs, NodeId(record.node_id))
+        if self._group is not None:
+            self._group.create_task(self._hold_on_demand(link))
+        return link
+
+    async def _hold_on_demand(self, link: _Link) -> None:
+        """Read the on-demand link's control stream (change notices) until it closes."""
+        try:
+            while await link.channel.receive() is not None:
+                pass
+        except (DecodeError, StreamReset):
+            pass
+        finally:
+            task = self._on_demand.get(link.node_id)
+            if task is not None and task.done() and _dead_link(task):
+                self._on_demand.pop(link.node_id, None)
+            link.connection.close_with(RefuseCode.SHUTTING_DOWN, "on-demand link ended")
 
     def records(self) -> list[NodeRecord]:
         """Every live record this node knows, its own included (empty for a client)."""
@@ -389,7 +450,11 @@ class PeerManager:
                     return
                 await serve_rpc_stream(stream, self.rpc_port())
             case StreamType.HTTP:
-                stream.reset(RefuseCode.UNKNOWN_STREAM)
+                peer = connection.admitted_id
+                if not connection.admitted or self.http_handler is None or peer is None:
+                    stream.reset(RefuseCode.PROTOCOL_ERROR)
+                    return
+                await self.http_handler(stream, peer)
             case _:
                 assert_never(kind)
 
@@ -412,6 +477,7 @@ class PeerManager:
             connection.close_with(code, str(exc)[:100])
             return
         connection.admitted = True  # ROUTES streams are answered only on admitted connections
+        connection.admitted_id = admitted.node_id
         if admitted.client or self._core is None:
             await self._serve_client(channel)
             return
@@ -496,6 +562,7 @@ class PeerManager:
                 errors.append(f"{addr}: no hello answer ({exc!r})")
                 continue
             connection.admitted = True
+            connection.admitted_id = peer
             return _Link(peer, connection, channel, dialer=self._identity.node_id)
         raise PeerUnavailable("; ".join(errors) or "no address to dial")
 
@@ -558,6 +625,13 @@ class PeerManager:
             self.listeners.notify()
 
 
+def _dead_link(task: asyncio.Task[_Link]) -> bool:
+    """A finished on-demand dial whose link is unusable (failed, or closed since)."""
+    if task.cancelled() or task.exception() is not None:
+        return True
+    return task.result().connection.is_closed
+
+
 def _format_addr(addr: Any) -> str | None:
     if not addr:
         return None
@@ -580,5 +654,7 @@ def _record_dict(record: NodeRecord) -> Mapping[str, Any]:
             m: {"role": s.role, "ready": s.ready, "host": s.host} for m, s in record.serving.items()
         },
         "api_port": record.api_port,
+        "fast_lane_port": record.fast_lane_port,
         "software_version": record.software_version,
+        "demand": dict(record.demand),
     }

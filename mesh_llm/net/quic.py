@@ -14,6 +14,7 @@ bidirectional stream is its `StreamType`. Raises `PeerUnavailable` for dial fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -58,7 +59,9 @@ class QuicStream:
         self._eof = False
         self._error: BaseException | None = None
         self._readable = asyncio.Event()
+        self._failed = asyncio.Event()
         self._write_closed = False
+        self._stopped = False  # the peer sent STOP_SENDING: writing more is an error
 
     # -- fed by the connection ---------------------------------------------------------
 
@@ -75,6 +78,13 @@ class QuicStream:
         if self._error is None:
             self._error = error
         self._readable.set()
+        self._failed.set()
+
+    async def wait_failed(self) -> BaseException:
+        """Wait until the stream is reset by the peer or its connection closes."""
+        await self._failed.wait()
+        assert self._error is not None
+        return self._error
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -104,6 +114,8 @@ class QuicStream:
     # -- writing ----------------------------------------------------------------------------
 
     def write(self, data: bytes, end_stream: bool = False) -> None:
+        if self._stopped:
+            raise StreamReset("the peer stopped reading this stream")
         if self._write_closed:
             return
         self._connection._send_stream_data(self.stream_id, data, end_stream)
@@ -141,6 +153,7 @@ class QuicPeerConnection(QuicConnectionProtocol):
         self.close_reason = ""
         self.remote_addr: NetworkAddress | None = None
         self.admitted = False  # set once the hello on its control stream succeeded
+        self.admitted_id: NodeId | None = None  # the node (or client) the hello proved
 
     @property
     def is_closed(self) -> bool:
@@ -183,11 +196,10 @@ class QuicPeerConnection(QuicConnectionProtocol):
 
     def _reset_stream(self, stream_id: int, code: int) -> None:
         if not self.is_closed:
-            try:
+            with contextlib.suppress(AssertionError, ValueError):  # already finished that way
                 self._quic.reset_stream(stream_id, code)
+            with contextlib.suppress(AssertionError, ValueError):
                 self._quic.stop_stream(stream_id, code)
-            except (AssertionError, ValueError):
-                pass  # already finished in that direction
             self._transmit_soon()
         self._streams.pop(stream_id, None)
 
@@ -208,6 +220,11 @@ class QuicPeerConnection(QuicConnectionProtocol):
             reset = self._streams.pop(event.stream_id, None)
             if reset is not None:
                 reset._fail(StreamReset(f"stream reset by peer (code {event.error_code})"))
+        elif isinstance(event, events.StopSendingReceived):
+            stopped = self._streams.get(event.stream_id)
+            if stopped is not None:
+                stopped._stopped = stopped._write_closed = True
+                stopped._fail(StreamReset(f"peer stopped reading (code {event.error_code})"))
         elif isinstance(event, events.ConnectionTerminated):
             self.close_reason = self.close_reason or event.reason_phrase or str(event.error_code)
             for stream in self._streams.values():

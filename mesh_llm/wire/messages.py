@@ -54,6 +54,7 @@ class ServingInfo:
     role: str = "host"  # "host" | "worker" | "loading"
     ready: bool = False
     host: str = ""  # node id of the host of this model's group
+    aliases: tuple[str, ...] = ()  # other names requests may use for the model (catalog name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,7 @@ class NodeRecord:
     software_version: str = ""
     fast_lane_port: int = 0  # direct TCP+TLS lane for RPC traffic (0: none, use QUIC)
     split_models: tuple[str, ...] = ()  # models this node serves with --split (forced split)
+    demand: dict[str, float] = field(default_factory=dict)  # API requests/min per model (EWMA)
 
 
 # -- admission (control stream, before anything else) ---------------------------------------
@@ -204,6 +206,29 @@ class RouteReply:
     records: tuple[NodeRecord, ...] = ()
 
 
+# -- API requests (HTTP stream): one framed head each way, then raw body bytes ---------------
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequestHead:
+    """Requester → host: one API request; `body_len` raw body bytes follow the frame."""
+
+    TAG: ClassVar[int] = 50
+    method: str
+    path: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body_len: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponseHead:
+    """Host → requester: the response status and headers; body chunks follow until the end."""
+
+    TAG: ClassVar[int] = 51
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+
+
 Message = (
     Hello
     | HelloReply
@@ -219,6 +244,8 @@ Message = (
     | Leaving
     | RouteRequest
     | RouteReply
+    | HttpRequestHead
+    | HttpResponseHead
 )
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
@@ -236,4 +263,6 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Leaving,
     RouteRequest,
     RouteReply,
+    HttpRequestHead,
+    HttpResponseHead,
 )

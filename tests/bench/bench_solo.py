@@ -1,15 +1,18 @@
 """Benchmark: the demo model through the mesh-llm API vs direct to its llama-server, same run.
 
-Starts one real node (`mesh-llm --model gemma-3-270m`), then alternates identical streaming
-requests (fixed prompt, temperature 0, `ignore_eos`, fixed token count) sent directly to the
-node's llama-server and through the node's API, and prints medians and ratios: generation
-tokens/s (client-side, after the first token) and time to first token. Run with `just bench`.
+Starts one real node (`mesh-llm --model gemma-3-270m`) and a passive client joined to it, then
+alternates identical streaming requests (fixed prompt, temperature 0, `ignore_eos`, fixed token
+count) sent directly to the node's llama-server, through the node's API (local route) and
+through the client's API (remote route: one QUIC hop), and prints medians and ratios:
+generation tokens/s (client-side, after the first token) and time to first token. Run with
+`just bench`.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -19,7 +22,7 @@ from pathlib import Path
 from mesh_llm.backend.build import ensure_binaries
 from mesh_llm.config import BackendConfig, load_config
 from mesh_llm.models.demo import install_demo_model
-from tests.e2e.harness import MeshProcess
+from tests.e2e.harness import MeshProcess, wait_until
 
 ROUNDS = 15
 MAX_TOKENS = 128
@@ -66,16 +69,30 @@ def main() -> int:
         install_demo_model(models, None)
         args = ["--model", "gemma-3-270m", "--models-dir", str(models)]
         args += ["--bin-dir", str(binaries.llama_server.parent)]
-        node = MeshProcess(Path(tmp) / "home", args).start()
+        home = Path(tmp) / "home"
+        threads = os.environ.get("BENCH_LLAMA_THREADS")
+        if threads:  # e.g. 1 on a 2-core machine: leaves a core to the relaying processes
+            home.mkdir()
+            (home / "config.toml").write_text(f"[backend]\nthreads = {int(threads)}\n")
+        node = MeshProcess(home, args).start()
+        client: MeshProcess | None = None
         try:
             node.wait_ready()
-            direct_port = node.llama_server_port()
-            stream_once(direct_port)  # warm-up
-            results: dict[str, list[tuple[float, float, int]]] = {"direct": [], "api": []}
+            wait_until(lambda: bool(node.status().get("token")), 30, "token")
+            client = MeshProcess(
+                Path(tmp) / "client", ["--client", "--join", node.status()["token"]]
+            )
+            client.start().wait_ready()
+            ports = {"direct": node.llama_server_port(), "local": node.port, "remote": client.port}
+            for port in ports.values():
+                stream_once(port)  # warm-up (and the client's on-demand QUIC link)
+            results: dict[str, list[tuple[float, float, int]]] = {key: [] for key in ports}
             for _ in range(ROUNDS):
-                results["direct"].append(stream_once(direct_port))
-                results["api"].append(stream_once(node.port))
+                for key, port in ports.items():
+                    results[key].append(stream_once(port))
         finally:
+            if client is not None:
+                client.stop()
             node.stop()
     report(results)
     return 0
@@ -85,10 +102,13 @@ def report(results: dict[str, list[tuple[float, float, int]]]) -> None:
     ttft = {k: statistics.median(r[0] for r in v) for k, v in results.items()}
     tps = {k: statistics.median(r[1] for r in v) for k, v in results.items()}
     print(f"demo model, {ROUNDS} rounds of {MAX_TOKENS} tokens, streaming, medians:")
-    for key in ("direct", "api"):
+    for key in results:
         print(f"  {key:6s}  {tps[key]:6.1f} tokens/s   TTFT {ttft[key] * 1000:7.1f} ms")
-    print(f"  API/direct tokens/s ratio: {tps['api'] / tps['direct']:.3f}")
-    print(f"  API added TTFT: {(ttft['api'] - ttft['direct']) * 1000:+.1f} ms")
+    for key in ("local", "remote"):
+        print(
+            f"  {key} route: {tps[key] / tps['direct']:.3f} of direct tokens/s, "
+            f"TTFT {(ttft[key] - ttft['direct']) * 1000:+.1f} ms"
+        )
 
 
 if __name__ == "__main__":

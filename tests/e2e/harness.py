@@ -88,12 +88,21 @@ class MeshProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S, *, local: bool | None = None) -> None:
+        """Wait for /readyz 200 and, unless `local` is False (default: not a --client), for a
+        model served by this node itself: /readyz is also 200 for models served elsewhere."""
+        own = "--client" not in self.args if local is None else local
+
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"node exited ({self.proc.returncode}):\n{self.log_text()}")
-            return http_status(self.base_url + "/readyz") == 200
+            if http_status(self.base_url + "/readyz") != 200:
+                return False
+            return not own or any(
+                m["host"] == "local" and m["state"] == "ready"
+                for m in self.status().get("models", [])
+            )
 
         try:
             wait_until(ready, timeout_s, f"{self.base_url}/readyz")
@@ -129,7 +138,11 @@ class MeshProcess:
             return []
 
     def llama_server(self) -> psutil.Process:
-        servers = [p for p in self.descendants() if p.name() == "llama-server"]
+        servers = [
+            p
+            for p in self.descendants()
+            if p.name() == "llama-server" or "tests.fakes.fake_llama_server" in p.cmdline()
+        ]
         assert len(servers) == 1, f"expected one llama-server child, found {servers}"
         return servers[0]
 

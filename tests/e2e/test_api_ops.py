@@ -100,11 +100,12 @@ def test_key_is_enforced_and_probes_stay_open(node: MeshProcess) -> None:
     assert _request(node, "GET", "/metrics")[0] == 401
     assert _request(node, "GET", "/v1/models")[0] == 401
 
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=node.base_url + "/v1", api_key="wrong", max_retries=0).models.list()
-    client = openai.OpenAI(base_url=node.base_url + "/v1", api_key=KEY, max_retries=0)
-    reply = client.chat.completions.create(model=DEMO_MODEL, messages=PROMPT, max_tokens=8)  # type: ignore[arg-type]
-    assert reply.choices[0].message.content
+    wrong = openai.OpenAI(base_url=node.base_url + "/v1", api_key="wrong", max_retries=0)
+    with wrong, pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    with openai.OpenAI(base_url=node.base_url + "/v1", api_key=KEY, max_retries=0) as client:
+        reply = client.chat.completions.create(model=DEMO_MODEL, messages=PROMPT, max_tokens=8)  # type: ignore[arg-type]
+        assert reply.choices[0].message.content
 
 
 def test_metrics_count_a_real_chat(node: MeshProcess) -> None:

@@ -219,13 +219,13 @@ def test_forced_split_serves_through_the_rpc_tunnel(mesh: Mesh) -> None:
     status = seed.status()
     roles = {p["short_id"]: p["record"]["serving"] for p in status["peers"]}
     assert any(s.get("gemma-3-270m-q4_k_m", {}).get("role") == "worker" for s in roles.values())
-    client = OpenAI(base_url=seed.base_url + "/v1", api_key="unused")
-    reply = client.chat.completions.create(
-        model="gemma-3-270m-q4_k_m",
-        messages=[{"role": "user", "content": "Say hello."}],
-        max_tokens=8,
-    )
-    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    with OpenAI(base_url=seed.base_url + "/v1", api_key="unused") as client:
+        reply = client.chat.completions.create(
+            model="gemma-3-270m-q4_k_m",
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=8,
+        )
+        assert reply.usage is not None and reply.usage.completion_tokens > 0
 
 
 def test_model_too_big_waits_then_splits_when_vram_joins(mesh: Mesh) -> None:

@@ -66,24 +66,24 @@ def _post(url: str, body: bytes, content_type: str = "application/json") -> tupl
 
 
 def test_chat_with_official_client(solo: MeshProcess) -> None:
-    client = OpenAI(base_url=solo.base_url + "/v1", api_key="unused")
-    reply = client.chat.completions.create(model=DEMO_MODEL, messages=PROMPT, max_tokens=24)  # type: ignore[arg-type]
-    text = reply.choices[0].message.content
-    assert text is not None and text.strip(), reply
-    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    with OpenAI(base_url=solo.base_url + "/v1", api_key="unused") as client:
+        reply = client.chat.completions.create(model=DEMO_MODEL, messages=PROMPT, max_tokens=24)  # type: ignore[arg-type]
+        text = reply.choices[0].message.content
+        assert text is not None and text.strip(), reply
+        assert reply.usage is not None and reply.usage.completion_tokens > 0
 
 
 def test_streaming_chat_with_official_client(solo: MeshProcess) -> None:
-    client = OpenAI(base_url=solo.base_url + "/v1", api_key="unused")
-    stream = client.chat.completions.create(
-        model=DEMO_MODEL,
-        messages=PROMPT,  # type: ignore[arg-type]
-        max_tokens=24,
-        stream=True,
-    )
-    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
-    assert len(pieces) > 3
-    assert "".join(pieces).strip()
+    with OpenAI(base_url=solo.base_url + "/v1", api_key="unused") as client:
+        stream = client.chat.completions.create(
+            model=DEMO_MODEL,
+            messages=PROMPT,  # type: ignore[arg-type]
+            max_tokens=24,
+            stream=True,
+        )
+        pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+        assert len(pieces) > 3
+        assert "".join(pieces).strip()
 
 
 def test_raw_sse_ends_with_done(solo: MeshProcess) -> None:

@@ -77,7 +77,7 @@ async def ops() -> AsyncIterator[Ops]:
         fake_url = await stack.enter_async_context(serve(fake.app()))
         ready = ModelStatus(ModelName(MODEL_ID), ModelState.READY, endpoint=fake_url)
         directory = Directory([ready, LOADING])
-        app = create_app(directory, CONFIG, MetricSources(peer_count=lambda: 3))
+        app = create_app(directory, CONFIG, sources=MetricSources(peer_count=lambda: 3))
         url = await stack.enter_async_context(serve(app, **http_limits(CONFIG)))
         client = await stack.enter_async_context(aiohttp.ClientSession())
         stack.callback(fake.release)  # runs first: held streams end before the servers stop
@@ -290,8 +290,7 @@ async def test_queue_full_is_429_until_a_slot_frees(ops: Ops) -> None:
     async with await ops.post("/v1/chat/completions", CHAT) as response:
         assert response.status == 200
     assert (
-        await ops.metric("mesh_llm_requests_total", model=MODEL_ID, route="local", status="429")
-        == 1
+        await ops.metric("mesh_llm_requests_total", model=MODEL_ID, route="none", status="429") == 1
     )
     assert len(ops.fake.requests) == 2
 

@@ -119,7 +119,7 @@ def test_sources_are_read_at_scrape_time() -> None:
         MetricSources(
             peer_count=lambda: peers[0],
             backend_states=lambda: {"m": "ready", "n": "loading"},
-            tunnel_bytes=lambda: {"rpc:abc": 1234},
+            tunnel_bytes=lambda: {("abc", "up"): 1234},
             queue_depth=lambda: {"m": 3},
             queue_capacity=64,
         )
@@ -129,7 +129,7 @@ def test_sources_are_read_at_scrape_time() -> None:
     assert value(metrics, "mesh_llm_peers") == 5
     assert value(metrics, "mesh_llm_backend_state", model="m", state="ready") == 1
     assert value(metrics, "mesh_llm_backend_state", model="n", state="loading") == 1
-    assert value(metrics, "mesh_llm_tunnel_bytes_total", tunnel="rpc:abc") == 1234
+    assert value(metrics, "mesh_llm_tunnel_bytes_total", worker="abc", direction="up") == 1234
     assert value(metrics, "mesh_llm_queue_depth", model="m") == 3
     assert value(metrics, "mesh_llm_queue_capacity") == 64
 
@@ -145,7 +145,7 @@ def test_a_failing_source_leaves_the_others(caplog: pytest.LogCaptureFixture) ->
 
 
 def test_every_documented_name_is_exposed_and_registries_are_separate() -> None:
-    full = MetricSources(lambda: 1, lambda: {"m": "ready"}, lambda: {"t": 1}, lambda: {}, 1)
+    full = MetricSources(lambda: 1, lambda: {"m": "ready"}, lambda: {("w", "up"): 1}, lambda: {}, 1)
     first, second = ApiMetrics(full), ApiMetrics(full)
     first.request_started("m", "local").finished(200)
     first.request_started("m", "local").first_byte()

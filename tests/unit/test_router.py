@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from mesh_llm.core.router import (
+    LOCAL,
     ModelState,
     ModelStatus,
     Route,
@@ -154,3 +155,67 @@ def test_not_found_has_no_retry_hint() -> None:
     refused = choose_route("nope", MODELS, retry_after_s=RETRY_S)
     assert isinstance(refused, RouteRefused)
     assert refused.retry_after_s is None
+
+
+# -- replicas: least in-flight, local on ties, rotation, failover exclusion -------------------
+
+A, B = "node-a", "node-b"
+
+
+def _replicated(local: bool = True, remote: tuple[str, ...] = (A, B)) -> ModelStatus:
+    endpoint = "http://127.0.0.1:1" if local else None
+    state = ModelState.READY if local else ModelState.LOADING
+    return ModelStatus(ModelName("m"), state, "", endpoint, remote=remote)
+
+
+@dataclass(frozen=True)
+class ReplicaCase:
+    model: ModelStatus
+    in_flight: dict[str, int]
+    exclude: frozenset[str]
+    rotation: int
+    expected: str | int  # backend key, or the refusal status
+
+
+REPLICA_CASES = {
+    "idle: local wins the tie": ReplicaCase(_replicated(), {}, frozenset(), 3, LOCAL),
+    "local busy: least loaded remote": ReplicaCase(
+        _replicated(), {LOCAL: 2, A: 1, B: 0}, frozenset(), 0, B
+    ),
+    "remote tie rotates (0)": ReplicaCase(_replicated(False), {}, frozenset(), 0, A),
+    "remote tie rotates (1)": ReplicaCase(_replicated(False), {}, frozenset(), 1, B),
+    "remote tie rotates (2)": ReplicaCase(_replicated(False), {}, frozenset(), 2, A),
+    "failed local is excluded": ReplicaCase(_replicated(), {}, frozenset({LOCAL}), 1, B),
+    "remote-only model is routable while the local one loads": ReplicaCase(
+        _replicated(False, (A,)), {A: 9}, frozenset(), 0, A
+    ),
+    "every replica failed: 502": ReplicaCase(
+        _replicated(True, (A,)), {}, frozenset({LOCAL, A}), 0, 502
+    ),
+    "not served anywhere: 503": ReplicaCase(_replicated(False, ()), {}, frozenset(), 0, 503),
+}
+
+
+@pytest.mark.parametrize("case", REPLICA_CASES.values(), ids=REPLICA_CASES.keys())
+def test_replica_choice(case: ReplicaCase) -> None:
+    route = choose_route(
+        "m",
+        (case.model,),
+        retry_after_s=RETRY_S,
+        in_flight=case.in_flight,
+        exclude=case.exclude,
+        rotation=case.rotation,
+    )
+    if isinstance(case.expected, int):
+        assert isinstance(route, RouteRefused)
+        assert route.status == case.expected
+    else:
+        assert isinstance(route, Route)
+        assert route.key == case.expected
+        assert (route.endpoint is not None) == (case.expected == LOCAL)
+
+
+def test_default_model_is_the_most_served() -> None:
+    one = ModelStatus(ModelName("one"), ModelState.LOADING, remote=(A,))
+    two = ModelStatus(ModelName("two"), ModelState.LOADING, remote=(A, B))
+    assert match_model(None, (one, two)) == two

@@ -268,3 +268,29 @@ def test_nothing_is_ever_due_before_next_deadline(seed: int) -> None:
             assert probe.outbox() == [] and events(probe) == []
         now = max(now, deadline) if rng.random() < 0.7 else now + rng.uniform(0.0, 1.0)
         core.tick(now)
+
+
+def test_a_failed_request_probes_the_peer_and_drops_it_without_an_answer() -> None:
+    core = known(make_core("1"), "2", "3")
+    core.report_failure(nid("3"), 1.0)
+    probes = sent_to(core, nid("3"))
+    assert len(probes) == 1 and isinstance(probes[0], Ping)
+    core.report_failure(nid("3"), 1.5)  # a second failure does not probe again
+    assert sent_to(core, nid("3")) == []
+    core.receive(nid("2"), Pong(0), 3.0)
+    core.tick(1.0 + TIMINGS.probe_timeout_s)
+    lost, close = events(core)
+    assert isinstance(lost, PeerLost) and lost.node_id == nid("3")
+    assert isinstance(close, ClosePeer)
+
+
+def test_a_failed_request_to_a_live_peer_changes_nothing() -> None:
+    core = known(make_core("1"), "2")
+    core.report_failure(nid("2"), 1.0)
+    (probe,) = sent_to(core, nid("2"))
+    assert isinstance(probe, Ping)
+    core.receive(nid("2"), Pong(probe.seq), 1.1)
+    core.tick(1.0 + TIMINGS.probe_timeout_s + 0.1)
+    assert events(core) == [] and core.peer_state(nid("2")) == "alive"
+    core.report_failure(nid("unknown"), 2.0)  # unlinked: ignored
+    assert events(core) == []

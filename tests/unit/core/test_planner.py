@@ -165,3 +165,38 @@ def test_assignment_takes_a_wanted_unserved_model_on_disk() -> None:
     assert assign_model("j", {"s": seed, "j": small}) is None  # does not fit
     nothing = NodeRecord(node_id="j", version=1, vram_bytes=20 * GB, models_on_disk={"c": GB})
     assert assign_model("j", {"s": seed, "j": nothing}) is None
+
+
+def test_assignment_prefers_the_wanted_model_with_the_most_demand() -> None:
+    from mesh_llm.core.planner import assign_model
+
+    disk = {m: GB for m in ("a", "b", "c")}
+    seed = NodeRecord(node_id="s", version=1, requested_models=("a", "b", "c"))
+    busy = NodeRecord(node_id="x", version=1, demand={"c": 3.0, "b": 1.0})
+    also = NodeRecord(node_id="y", version=1, demand={"b": 2.5})  # b: 3.5 in total
+    for joiner_id in ("j1", "j2", "j3", "j4"):
+        joiner = NodeRecord(node_id=joiner_id, version=1, vram_bytes=20 * GB, models_on_disk=disk)
+        records = {"s": seed, "x": busy, "y": also, joiner_id: joiner}
+        assert assign_model(joiner_id, records) == "b"
+    # without demand the joiners spread by the hash of their id
+    quiet = {"s": seed}
+    picks = {
+        assign_model(j, {**quiet, j: NodeRecord(j, 1, vram_bytes=20 * GB, models_on_disk=disk)})
+        for j in (f"j{i}" for i in range(12))
+    }
+    assert len(picks) > 1
+
+
+def test_demand_meter_decays_and_flags_changes() -> None:
+    from mesh_llm.core.demand import DEMAND_HALF_LIFE_S, DemandMeter, rates_changed
+
+    meter = DemandMeter()
+    for i in range(10):
+        meter.observe("m", float(i))
+    now = rates = meter.rates(10.0)
+    assert 5.0 < rates["m"] < 7.0  # ~10 requests in the last 10 s, smoothed over minutes
+    later = meter.rates(10.0 + DEMAND_HALF_LIFE_S)
+    assert later["m"] == pytest.approx(rates["m"] / 2, rel=0.02)
+    assert meter.rates(10.0 + 20 * DEMAND_HALF_LIFE_S) == {}
+    assert rates_changed(now, later) and not rates_changed(now, dict(now))
+    assert rates_changed({}, {"m": 1.0})

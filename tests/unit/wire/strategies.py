@@ -12,6 +12,8 @@ from mesh_llm.wire.messages import (
     Hello,
     HelloFinish,
     HelloReply,
+    HttpRequestHead,
+    HttpResponseHead,
     Leaving,
     Message,
     NodeRecord,
@@ -35,7 +37,13 @@ texts = st.text(max_size=12)
 blobs = st.binary(max_size=40)
 finite_floats = st.floats(allow_nan=False, allow_infinity=False)
 
-serving_infos = st.builds(ServingInfo, role=texts, ready=st.booleans(), host=texts)
+serving_infos = st.builds(
+    ServingInfo,
+    role=texts,
+    ready=st.booleans(),
+    host=texts,
+    aliases=st.lists(texts, max_size=2).map(tuple),
+)
 
 node_records = st.builds(
     NodeRecord,
@@ -56,6 +64,7 @@ node_records = st.builds(
     software_version=texts,
     fast_lane_port=ints,
     split_models=st.lists(texts, max_size=3).map(tuple),
+    demand=st.dictionaries(texts, finite_floats, max_size=3),
 )
 
 record_tuples = st.lists(node_records, max_size=3).map(tuple)
@@ -85,6 +94,16 @@ MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     Leaving: st.builds(Leaving, node_id=texts),
     RouteRequest: st.builds(RouteRequest),
     RouteReply: st.builds(RouteReply, records=record_tuples),
+    HttpRequestHead: st.builds(
+        HttpRequestHead,
+        method=texts,
+        path=texts,
+        headers=st.dictionaries(texts, texts, max_size=4),
+        body_len=ints,
+    ),
+    HttpResponseHead: st.builds(
+        HttpResponseHead, status=ints, headers=st.dictionaries(texts, texts, max_size=4)
+    ),
 }
 
 messages: st.SearchStrategy[Message] = st.one_of(
@@ -107,7 +126,11 @@ msgpack_values = st.recursive(
 
 def _field_names(cls: type) -> set[str]:
     names = {f.name for f in dataclasses.fields(cls)}
-    return names | {f.name for f in dataclasses.fields(NodeRecord)} | {"role", "ready", "host"}
+    return (
+        names
+        | {f.name for f in dataclasses.fields(NodeRecord)}
+        | {"role", "ready", "host", "aliases"}
+    )
 
 
 FIELD_NAMES = sorted(set().union(*(_field_names(cls) for cls in MESSAGE_TYPES)))

@@ -1,0 +1,180 @@
+"""The host side of the API tunnel: requests other nodes send over `HTTP` QUIC streams.
+
+Each stream carries one request for a model this node serves; it is routed to the LOCAL backend
+only (never forwarded again, so requests cannot loop), relayed back chunk by chunk with
+backpressure, and cancelled when the requester resets the stream (its client went away): the
+llama-server connection is closed and the slot frees at once. Refusals (bad body, model not
+served here, not ready) come back as OpenAI-shaped JSON with their status, so the requester can
+relay them or retry elsewhere. `/mesh/drop` is answered by the node's drop handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from mesh_llm.api.admission import LocalAdmission
+from mesh_llm.api.openai import PROXIED_PATHS, InvalidRequest, error_body, validate_request
+from mesh_llm.api.operations import QUEUE_FULL_STATUS, queue_full_message
+from mesh_llm.api.proxy import ModelDirectory
+from mesh_llm.api.upstream import Upstream, UpstreamFailed, open_local
+from mesh_llm.config import ApiConfig
+from mesh_llm.core.router import RouteRefused, choose_route
+from mesh_llm.net.http_tunnel import (
+    MAX_UNSENT_BYTES,
+    TunnelProtocolError,
+    read_request,
+    send_response_head,
+    write_body,
+)
+from mesh_llm.net.quic import QuicStream, StreamReset
+from mesh_llm.wire.messages import RefuseCode
+
+log = logging.getLogger(__name__)
+
+DROP_PATH = "/mesh/drop"
+REQUEST_HEAD_TIMEOUT_S = 30.0  # a requester that opens a stream must send its request by then
+
+DropHandler = Callable[[str], Awaitable[tuple[int, dict[str, Any]]]]
+
+
+class InboundRequests:
+    """Answers HTTP streams from other nodes from this node's own backends."""
+
+    def __init__(
+        self,
+        directory: ModelDirectory,
+        session: aiohttp.ClientSession,
+        config: ApiConfig,
+        admission: LocalAdmission,
+        drop: DropHandler | None = None,
+    ) -> None:
+        self._directory = directory
+        self._admission = admission
+        self._session = session
+        self._config = config
+        self.drop = drop
+        self.served = 0
+
+    async def serve(self, stream: QuicStream, peer: str) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_HEAD_TIMEOUT_S):
+                head, body = await read_request(stream, self._config.max_body_bytes)
+        except (TunnelProtocolError, StreamReset, TimeoutError) as exc:
+            log.warning("bad API request stream from %s: %s", peer[:10], exc)
+            stream.reset(RefuseCode.PROTOCOL_ERROR)
+            return
+        request_id = head.headers.get("X-Request-Id", "")
+        relay = asyncio.current_task()
+        assert relay is not None
+        watcher = asyncio.create_task(_cancel_on_reset(stream, relay))
+        try:
+            await self._answer(stream, head.path, body, request_id)
+        except asyncio.CancelledError:
+            if not watcher.done():
+                raise
+            relay.uncancel()
+            log.info("request %s from %s: requester went away; cancelled", request_id, peer[:10])
+        except StreamReset:
+            log.info("request %s from %s: stream closed mid-answer", request_id, peer[:10])
+        finally:
+            watcher.cancel()
+            self.served += 1
+
+    async def _answer(self, stream: QuicStream, path: str, body: bytes, request_id: str) -> None:
+        if path == DROP_PATH and self.drop is not None:
+            status, document = await self.drop(_drop_model(body))
+            await _send_json(stream, status, document)
+            return
+        if path not in PROXIED_PATHS:
+            await _send_error(stream, 404, f"no such API path: {path}", "not_found")
+            return
+        try:
+            requested = validate_request(path, json.loads(body))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            await _send_error(stream, 400, f"the request body is not valid JSON: {exc}", "bad_json")
+            return
+        except InvalidRequest as exc:
+            await _send_error(stream, 400, str(exc), "invalid_request")
+            return
+        statuses = [dataclasses.replace(m, remote=()) for m in self._directory.model_statuses()]
+        route = choose_route(requested, statuses, retry_after_s=self._config.retry_after_s)
+        if isinstance(route, RouteRefused):
+            await _send_error(stream, route.status, route.message, route.code, route.retry_after_s)
+            return
+        assert route.endpoint is not None  # remote candidates were removed above
+        release = self._admission.try_acquire(route.model)
+        if release is None:  # the requester retries on another replica or relays the 429
+            message = queue_full_message(route.model, self._config)
+            retry_after_s = self._config.busy_retry_after_s
+            await _send_error(stream, QUEUE_FULL_STATUS, message, "queue_full", retry_after_s)
+            return
+        try:
+            try:
+                upstream = await open_local(
+                    self._session, route.endpoint, path, body, request_id, self._config
+                )
+            except UpstreamFailed as exc:
+                await _send_error(stream, 502, str(exc), "upstream_failed")
+                return
+            try:
+                await _relay(stream, upstream)
+            finally:
+                upstream.close()
+        finally:
+            release()
+
+
+async def _relay(stream: QuicStream, upstream: Upstream) -> None:
+    headers = dict(upstream.headers)
+    send_response_head(stream, upstream.status, headers)
+    try:
+        async for chunk in upstream.chunks():
+            await stream.wait_writable(MAX_UNSENT_BYTES)
+            stream.write(chunk)
+    except UpstreamFailed as exc:
+        log.warning("backend failed mid-answer to a remote request: %s", exc)
+        stream.reset(RefuseCode.PROTOCOL_ERROR)  # the requester ends its client's stream
+        return
+    stream.write_eof()
+
+
+async def _cancel_on_reset(stream: QuicStream, relay: asyncio.Task[Any]) -> None:
+    await stream.wait_failed()
+    relay.cancel()
+
+
+def _drop_model(body: bytes) -> str:
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return ""
+    model = document.get("model") if isinstance(document, dict) else None
+    return model if isinstance(model, str) else ""
+
+
+async def _send_json(
+    stream: QuicStream,
+    status: int,
+    document: dict[str, Any],
+    extra_headers: dict[str, str] | None = None,
+) -> None:
+    body = json.dumps(document).encode()
+    send_response_head(
+        stream, status, {"Content-Type": "application/json", **(extra_headers or {})}
+    )
+    await write_body(stream, body)
+    stream.write_eof()
+
+
+async def _send_error(
+    stream: QuicStream, status: int, message: str, code: str, retry_after_s: int | None = None
+) -> None:
+    retry = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    await _send_json(stream, status, error_body(status, message, code), retry)

@@ -1,0 +1,114 @@
+"""API requests over `HTTP` QUIC streams (DESIGN.md §4): one request/response per stream.
+
+Wire: the requester writes a framed `HttpRequestHead` (u32 length + msgpack), then exactly
+`body_len` raw body bytes, then ends its side. The host answers a framed `HttpResponseHead`,
+then the raw response body as it is produced (SSE chunks pass through unchanged), then ends
+the stream. Either side resets the stream to abort: the requester when its API client went
+away (the host then cancels the llama-server request), the host when its backend failed
+mid-body. Bodies are written in bounded pieces, waiting while too many bytes are unacknowledged
+(aioquic has no backpressure of its own); reads are bounded per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from mesh_llm.net.quic import QuicPeerConnection, QuicStream
+from mesh_llm.wire.codec import DecodeError, decode_message, encode_frame
+from mesh_llm.wire.messages import HttpRequestHead, HttpResponseHead, RefuseCode, StreamType
+
+HEAD_MAX_BYTES = 64 * 1024  # request/response heads: method, path, headers
+WRITE_CHUNK_BYTES = 64 * 1024
+MAX_UNSENT_BYTES = 1024 * 1024  # per stream, before a writer waits for acknowledgements
+READ_CHUNK_BYTES = 64 * 1024
+_LENGTH_BYTES = 4
+
+
+class TunnelProtocolError(ConnectionError):
+    """The other side sent something that is not a valid HTTP stream."""
+
+
+async def _read_head(stream: QuicStream) -> HttpRequestHead | HttpResponseHead:
+    length = int.from_bytes(await stream.read_exactly(_LENGTH_BYTES), "big")
+    if length > HEAD_MAX_BYTES:
+        raise TunnelProtocolError(f"head of {length} bytes is over the {HEAD_MAX_BYTES} limit")
+    try:
+        message = decode_message(await stream.read_exactly(length))
+    except DecodeError as exc:
+        raise TunnelProtocolError(f"bad head: {exc}") from exc
+    if not isinstance(message, HttpRequestHead | HttpResponseHead):
+        raise TunnelProtocolError(f"expected an HTTP head, got {type(message).__name__}")
+    return message
+
+
+async def write_body(stream: QuicStream, data: bytes) -> None:
+    """Write `data` in bounded pieces, waiting for acknowledgements between them."""
+    view = memoryview(data)
+    for start in range(0, len(view), WRITE_CHUNK_BYTES):
+        await stream.wait_writable(MAX_UNSENT_BYTES)
+        stream.write(bytes(view[start : start + WRITE_CHUNK_BYTES]))
+
+
+# -- requester side ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TunnelResponse:
+    """A response arriving over an HTTP stream: head received, body still streaming."""
+
+    status: int
+    headers: dict[str, str]
+    stream: QuicStream
+
+    async def chunks(self, idle_timeout_s: float) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive; `TimeoutError` if none comes for `idle_timeout_s`."""
+        while True:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await self.stream.read(READ_CHUNK_BYTES)
+            if not chunk:
+                return
+            yield chunk
+
+    def abort(self) -> None:
+        """Reset the stream (the API client went away): the host cancels the request."""
+        self.stream.reset(RefuseCode.SHUTTING_DOWN)
+
+
+async def send_request(
+    connection: QuicPeerConnection, head: HttpRequestHead, body: bytes
+) -> TunnelResponse:
+    """Send one request and wait for the response head. Raises `StreamReset` or
+    `TunnelProtocolError`; the caller bounds the wait with its first-byte timeout."""
+    stream = await connection.open_stream(StreamType.HTTP)
+    try:
+        stream.write(encode_frame(head))
+        await write_body(stream, body)
+        stream.write_eof()
+        answer = await _read_head(stream)
+    except BaseException:
+        stream.reset(RefuseCode.SHUTTING_DOWN)
+        raise
+    if not isinstance(answer, HttpResponseHead):
+        stream.reset(RefuseCode.PROTOCOL_ERROR)
+        raise TunnelProtocolError("the host answered with a request head")
+    return TunnelResponse(answer.status, dict(answer.headers), stream)
+
+
+# -- host side ---------------------------------------------------------------------------------
+
+
+async def read_request(stream: QuicStream, max_body_bytes: int) -> tuple[HttpRequestHead, bytes]:
+    """The head and body of one inbound request. Raises `TunnelProtocolError`/`StreamReset`."""
+    head = await _read_head(stream)
+    if not isinstance(head, HttpRequestHead):
+        raise TunnelProtocolError("expected a request head")
+    if not 0 <= head.body_len <= max_body_bytes:
+        raise TunnelProtocolError(f"body of {head.body_len} bytes is over the limit")
+    body = await stream.read_exactly(head.body_len) if head.body_len else b""
+    return head, body
+
+
+def send_response_head(stream: QuicStream, status: int, headers: dict[str, str]) -> None:
+    stream.write(encode_frame(HttpResponseHead(status, headers)))
