@@ -137,6 +137,14 @@ class MeshProcess:
         except psutil.NoSuchProcess:
             return []
 
+    def llama_argv(self) -> list[str]:
+        """The command line of this node's one llama-server, or [] (none, several, or exiting)."""
+        servers = [p for p in self.descendants() if p.name() == "llama-server"]
+        try:
+            return servers[0].cmdline() if len(servers) == 1 else []
+        except psutil.NoSuchProcess:  # includes a zombie not reaped yet
+            return []
+
     def llama_server(self) -> psutil.Process:
         servers = [
             p

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack  # type: ignore[import-untyped]
-import psutil
 import pytest
 from openai import OpenAI
 
@@ -208,9 +207,9 @@ def test_forced_split_serves_through_the_rpc_tunnel(mesh: Mesh) -> None:
     seed, token = mesh.seed("seed", "--split")
     worker = mesh.start("worker", "--model", "gemma-3-270m", "--join", token, "--max-vram", "1")
     # Alone, the host serves solo; once the worker is up it restarts split over the tunnel.
-    wait_until(lambda: "--rpc" in _llama_argv(seed), 120, "a split llama-server")
+    wait_until(lambda: "--rpc" in seed.llama_argv(), 120, "a split llama-server")
     seed.wait_ready(timeout_s=240)
-    argv = _llama_argv(seed)
+    argv = seed.llama_argv()
     rpc = argv[argv.index("--rpc") + 1].split(",")
     split = [float(x) for x in argv[argv.index("--tensor-split") + 1].split(",")]
     assert len(rpc) == 2 and len(split) == 2  # the worker's tunnel, then the host's own share
@@ -245,24 +244,16 @@ def test_model_too_big_waits_then_splits_when_vram_joins(mesh: Mesh) -> None:
 def test_worker_death_replans_to_solo(mesh: Mesh) -> None:
     seed, token = mesh.seed("seed", "--split")
     worker = mesh.start("worker", "--join", token)  # standby worker
-    wait_until(lambda: "--rpc" in _llama_argv(seed), 120, "a split llama-server")
+    wait_until(lambda: "--rpc" in seed.llama_argv(), 120, "a split llama-server")
     first = seed.llama_server().pid
     worker.signal(signal.SIGKILL)
     worker.wait_exit()
     wait_until(
-        lambda: "--rpc" not in _llama_argv(seed) and http_status(seed.base_url + "/readyz") == 200,
+        lambda: "--rpc" not in seed.llama_argv() and http_status(seed.base_url + "/readyz") == 200,
         40,
         "the host to re-plan solo and serve again",
     )
     assert seed.llama_server().pid != first
-
-
-def _llama_argv(node: MeshProcess) -> list[str]:
-    servers = [p for p in node.descendants() if p.name() == "llama-server"]
-    try:
-        return servers[0].cmdline() if len(servers) == 1 else []
-    except psutil.NoSuchProcess:
-        return []
 
 
 def test_joiner_without_model_serves_a_wanted_model_on_its_disk(
@@ -306,7 +297,7 @@ def test_two_nodes_with_a_fitting_model_are_replicas(mesh: Mesh) -> None:
     seed.wait_ready()
     other.wait_ready()
     for node in (seed, other):
-        assert "--rpc" not in _llama_argv(node)
+        assert "--rpc" not in node.llama_argv()
     wait_until(
         lambda: any(
             p["record"]["serving"].get("gemma-3-270m-q4_k_m", {}).get("role") == "host"

@@ -44,11 +44,6 @@ def mesh(tmp_path: Path, llama_binaries: Binaries, demo_models_dir: Path) -> Ite
         group.close()
 
 
-def _llama_argv(node: MeshProcess) -> list[str]:
-    servers = [p for p in node.descendants() if p.name() == "llama-server"]
-    return servers[0].cmdline() if len(servers) == 1 else []
-
-
 def _children(node: MeshProcess) -> list[str]:
     return sorted(p.name() for p in node.descendants())
 
@@ -63,14 +58,14 @@ def _chat(node: MeshProcess) -> int:
 
 
 def _split_ready(host: MeshProcess) -> None:
-    wait_until(lambda: "--rpc" in _llama_argv(host), SPLIT_TIMEOUT_S, "a split llama-server")
+    wait_until(lambda: "--rpc" in host.llama_argv(), SPLIT_TIMEOUT_S, "a split llama-server")
     host.wait_ready(timeout_s=READY_TIMEOUT_S)
 
 
 def _serves_solo(node: MeshProcess) -> bool:
     """A llama-server without --rpc, and the model ready on this node itself (/readyz alone is
     also 200 while a model is still reachable on another node)."""
-    argv = _llama_argv(node)
+    argv = node.llama_argv()
     local_ready = any(
         m["host"] == "local" and m["state"] == "ready" for m in node.status().get("models", [])
     )
