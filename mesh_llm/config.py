@@ -87,6 +87,8 @@ class NetConfig:
     # forward maps another outside port to it (tests use it to advertise a dead port).
     fast_lane_advertise_port: int = 0
     fast_lane_connect_timeout_s: float = 5.0
+    # API requests to other hosts over the fast lane (False: always over QUIC streams).
+    api_fast_lane: bool = True
     dial_timeout_s: float = 5.0
     hello_timeout_s: float = 5.0
     join_backoff_initial_s: float = 1.0
@@ -135,6 +137,7 @@ ENV_KEYS: Mapping[str, str] = {
     "MESH_LLM_MODELS_DIR": "models_dir",
     "MESH_LLM_CACHE_DIR": "cache_dir",
     "MESH_LLM_EPHEMERAL_KEY": "ephemeral_key",
+    "MESH_LLM_API_FAST_LANE": "net.api_fast_lane",
     "MESH_LLM_LOG_FORMAT": "log_format",
     "MESH_LLM_PORT": "api.port",
     "MESH_LLM_API_KEY": "api.api_key",

@@ -47,7 +47,7 @@ from mesh_llm.config import Config
 from mesh_llm.core.demand import DemandMeter, rates_changed
 from mesh_llm.core.mesh import MeshCore
 from mesh_llm.core.router import ModelState, ModelStatus
-from mesh_llm.core.types import ModelName
+from mesh_llm.core.types import ModelName, NodeId
 from mesh_llm.errors import ConfigError, MeshError, PeerUnavailable
 from mesh_llm.identity import (
     MeshSecret,
@@ -57,12 +57,13 @@ from mesh_llm.identity import (
 )
 from mesh_llm.models.resolve import list_local_models
 from mesh_llm.net.fastlane import FastLaneServer
+from mesh_llm.net.http_lane import HttpLanes, LaneResponse
 from mesh_llm.net.peers import PeerManager
 from mesh_llm.net.quic import QuicPeerConnection
-from mesh_llm.net.tunnel import RpcTunnels, start_rpc_lane
+from mesh_llm.net.tunnel import LaneHandler, RpcTunnels, fast_lane_addr_of, start_fast_lane
 from mesh_llm.placement import Placement
 from mesh_llm.token import InviteToken, decode_token, encode_token, format_addr
-from mesh_llm.wire.messages import NodeRecord, Role
+from mesh_llm.wire.messages import HttpRequestHead, NodeRecord, Role
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class Node:
         self._hardware: HardwareInfo | None = None
         self._tunnels: RpcTunnels | None = None
         self._fast_lane: FastLaneServer | None = None
+        self._lanes: HttpLanes | None = None  # API requests to other hosts over the fast lane
+        self._http_lane_handler: LaneHandler | None = None  # other nodes' API requests to us
         self.api_url = f"http://{config.api.host}:{config.api.port}/v1"
         self._shutdown: asyncio.Event | None = None
         self._demand = DemandMeter()
@@ -159,6 +162,13 @@ class Node:
         if self.peers is None:
             raise PeerUnavailable("the mesh is not up yet")
         return await self.peers.connection_for(node_id)
+
+    async def send_over_lane(
+        self, node_id: str, head: HttpRequestHead, body: bytes
+    ) -> LaneResponse | None:
+        if self._lanes is None:
+            return None
+        return await self._lanes.send(NodeId(node_id), head, body)
 
     def report_failure(self, node_id: str, reason: str) -> None:
         if self.peers is not None:
@@ -254,6 +264,7 @@ class Node:
             "clients": snapshot["clients"],
             "fast_lane_port": self._fast_lane.port if self._fast_lane is not None else None,
             "rpc_tunnels": self._tunnels.snapshot() if self._tunnels is not None else [],
+            "api_lanes": self._lanes.snapshot() if self._lanes is not None else None,
         }
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -276,6 +287,10 @@ class Node:
             core = MeshCore(await self._initial_record(), config.mesh, random.Random(), _now())
         self.peers = PeerManager(self.identity, mesh, core, tokens=self._tokens, timings=config.net)
         port = await self.peers.bind(config.net.bind_host, config.net.bind_port)
+        if config.net.api_fast_lane:
+            self._lanes = HttpLanes(
+                self.identity, self._lane_address, config.net.fast_lane_connect_timeout_s
+            )
         addrs = (*config.net.advertise, *(format_addr(ip, port) for ip in _local_addresses()))
         if core is not None:
             await self._start_fast_lane()
@@ -349,16 +364,28 @@ class Node:
         self._tunnels = RpcTunnels(
             self.identity, peers, fast_lane_timeout_s=net.fast_lane_connect_timeout_s
         )
-        self._fast_lane = await start_rpc_lane(
+        self._fast_lane = await start_fast_lane(
             self.identity,
             net.bind_host,
             net.fast_lane_port,
-            members=lambda: (r.node_id for r in peers.records()),
+            is_allowed=peers.is_admitted,
             rpc_port=lambda: self._placement.rpc_port if self._placement is not None else None,
+            http=lambda: self._http_lane_handler,
         )
         peers.update_self(fast_lane_port=net.fast_lane_advertise_port or self._fast_lane.port)
 
+    def _lane_address(self, node_id: NodeId) -> tuple[str, int] | None:
+        """Where `node_id`'s fast lane listens (gossip for a member, the routing table for a
+        client), or None."""
+        if self.peers is None:
+            return None
+        records = self.peers.records() or self.peers.routes.records
+        record = next((r for r in records if r.node_id == node_id), None)
+        return fast_lane_addr_of(record, self.peers.connection_of(node_id))
+
     async def _stop_fast_lane(self) -> None:
+        if self._lanes is not None:
+            await self._lanes.close_all()
         if self._tunnels is not None:
             await self._tunnels.close_all()
         if self._fast_lane is not None:
@@ -458,6 +485,7 @@ class Node:
         await runner.setup()
         inbound = runner.app[INBOUND_KEY]
         inbound.drop = self.drop_local  # a drop forwarded by another node: never forward again
+        self._http_lane_handler = inbound.serve_lane
         if self.peers is not None:
             self.peers.http_handler = inbound.serve
         await _start_site(runner, api.host, api.port, "--port")

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -26,15 +26,16 @@ from mesh_llm.api.proxy import ModelDirectory
 from mesh_llm.api.upstream import Upstream, UpstreamFailed, open_local
 from mesh_llm.config import ApiConfig
 from mesh_llm.core.router import RouteRefused, choose_route
+from mesh_llm.core.types import NodeId
+from mesh_llm.net.http_lane import serve_http_lane
 from mesh_llm.net.http_tunnel import (
-    MAX_UNSENT_BYTES,
     TunnelProtocolError,
     read_request,
     send_response_head,
     write_body,
 )
 from mesh_llm.net.quic import QuicStream, StreamReset
-from mesh_llm.wire.messages import RefuseCode
+from mesh_llm.wire.messages import HttpRequestHead, RefuseCode
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class InboundRequests:
         assert relay is not None
         watcher = asyncio.create_task(_cancel_on_reset(stream, relay))
         try:
-            await self._answer(stream, head.path, body, request_id)
+            await self.answer(QuicSink(stream), head, body)
         except asyncio.CancelledError:
             if not watcher.done():
                 raise
@@ -87,7 +88,15 @@ class InboundRequests:
             watcher.cancel()
             self.served += 1
 
-    async def _answer(self, stream: QuicStream, path: str, body: bytes, request_id: str) -> None:
+    async def serve_lane(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: NodeId
+    ) -> None:
+        """Requests another node sends over a fast-lane connection (see `net/http_lane`)."""
+        await serve_http_lane(reader, writer, peer, self.answer, self._config.max_body_bytes)
+
+    async def answer(self, stream: ResponseSink, head: HttpRequestHead, body: bytes) -> None:
+        """Answer one request from another node through `stream`, from the local backend."""
+        path, request_id = head.path, head.headers.get("X-Request-Id", "")
         if path == DROP_PATH and self.drop is not None:
             status, document = await self.drop(_drop_model(body))
             await _send_json(stream, status, document)
@@ -131,18 +140,48 @@ class InboundRequests:
             release()
 
 
-async def _relay(stream: QuicStream, upstream: Upstream) -> None:
-    headers = dict(upstream.headers)
-    send_response_head(stream, upstream.status, headers)
+class ResponseSink(Protocol):
+    """Where the answer to another node's request goes: a QUIC stream or a fast-lane
+    connection. `abort()` breaks the response off (the requester sees it fail)."""
+
+    def head(self, status: int, headers: dict[str, str]) -> None: ...
+
+    async def body(self, chunk: bytes) -> None: ...
+
+    def end(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class QuicSink:
+    """A `ResponseSink` over an `HTTP` QUIC stream (see `net/http_tunnel`)."""
+
+    def __init__(self, stream: QuicStream) -> None:
+        self._stream = stream
+
+    def head(self, status: int, headers: dict[str, str]) -> None:
+        send_response_head(self._stream, status, headers)
+
+    async def body(self, chunk: bytes) -> None:
+        await write_body(self._stream, chunk)
+
+    def end(self) -> None:
+        self._stream.write_eof()
+
+    def abort(self) -> None:
+        self._stream.reset(RefuseCode.PROTOCOL_ERROR)
+
+
+async def _relay(stream: ResponseSink, upstream: Upstream) -> None:
+    stream.head(upstream.status, dict(upstream.headers))
     try:
         async for chunk in upstream.chunks():
-            await stream.wait_writable(MAX_UNSENT_BYTES)
-            stream.write(chunk)
+            await stream.body(chunk)
     except UpstreamFailed as exc:
         log.warning("backend failed mid-answer to a remote request: %s", exc)
-        stream.reset(RefuseCode.PROTOCOL_ERROR)  # the requester ends its client's stream
+        stream.abort()  # the requester ends its client's stream
         return
-    stream.write_eof()
+    stream.end()
 
 
 async def _cancel_on_reset(stream: QuicStream, relay: asyncio.Task[Any]) -> None:
@@ -160,21 +199,18 @@ def _drop_model(body: bytes) -> str:
 
 
 async def _send_json(
-    stream: QuicStream,
+    stream: ResponseSink,
     status: int,
     document: dict[str, Any],
     extra_headers: dict[str, str] | None = None,
 ) -> None:
-    body = json.dumps(document).encode()
-    send_response_head(
-        stream, status, {"Content-Type": "application/json", **(extra_headers or {})}
-    )
-    await write_body(stream, body)
-    stream.write_eof()
+    stream.head(status, {"Content-Type": "application/json", **(extra_headers or {})})
+    await stream.body(json.dumps(document).encode())
+    stream.end()
 
 
 async def _send_error(
-    stream: QuicStream, status: int, message: str, code: str, retry_after_s: int | None = None
+    stream: ResponseSink, status: int, message: str, code: str, retry_after_s: int | None = None
 ) -> None:
     retry = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
     await _send_json(stream, status, error_body(status, message, code), retry)

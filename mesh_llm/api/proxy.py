@@ -34,7 +34,15 @@ from mesh_llm.api.metrics import (
 )
 from mesh_llm.api.openai import error_body
 from mesh_llm.api.operations import queue_full
-from mesh_llm.api.upstream import Upstream, UpstreamFailed, open_local, open_remote
+from mesh_llm.api.upstream import (
+    RemoteResponse,
+    Upstream,
+    UpstreamFailed,
+    open_lane,
+    open_local,
+    open_remote,
+    request_head,
+)
 from mesh_llm.config import ApiConfig
 from mesh_llm.core.router import (
     LOCAL,
@@ -46,6 +54,7 @@ from mesh_llm.core.router import (
 )
 from mesh_llm.errors import MeshError
 from mesh_llm.net.quic import QuicPeerConnection
+from mesh_llm.wire.messages import HttpRequestHead
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,13 @@ class MeshAccess(Protocol):
 
     async def connection_for(self, node_id: str) -> QuicPeerConnection:
         """An admitted QUIC connection to `node_id`; raises `MeshError` when unreachable."""
+        ...
+
+    async def send_over_lane(
+        self, node_id: str, head: HttpRequestHead, body: bytes
+    ) -> RemoteResponse | None:
+        """Send over the fast lane to `node_id` and wait for the response head; None when
+        there is no fast lane to it (then QUIC). Raises `ConnectionError` when it failed."""
         ...
 
     def report_failure(self, node_id: str, reason: str) -> None: ...
@@ -230,9 +246,15 @@ class Proxy:
         if self._mesh is None:
             raise UpstreamFailed("this node has no mesh to reach other hosts")
         try:
+            # First, even for the fast lane: a client's host admits its lane once the client
+            # has proved itself on a QUIC connection (dialled here on demand).
             connection = await self._mesh.connection_for(route.node_id)
         except MeshError as exc:
             raise UpstreamFailed(f"cannot reach {_where(route)}: {exc}") from exc
+        head = request_head(path, body, request_id)
+        over_lane = await open_lane(self._mesh, route.node_id, head, body, self._config)
+        if over_lane is not None:
+            return over_lane
         return await open_remote(connection, path, body, request_id, self._config)
 
     def _report(self, route: Route, reason: str) -> None:

@@ -1,6 +1,8 @@
-"""Where a proxied request's answer comes from: the local llama-server, or a host over QUIC.
+"""Where a proxied request's answer comes from: the local llama-server, or another host.
 
-Both kinds look the same to the proxy: `open_local`/`open_remote` send the request and return
+Another host is reached over the fast lane when it has one (`open_lane`, see `net/http_lane`),
+else over an `HTTP` QUIC stream (`open_remote`). All kinds look the same to the proxy: the
+`open_*` functions send the request and return
 once the response head has arrived (bounded by the first-byte timeout), or raise
 `UpstreamFailed` — the point before which a request can still be retried on another replica.
 `Upstream.chunks()` then yields body chunks as they come (idle timeout between chunks, never a
@@ -18,7 +20,7 @@ import aiohttp
 
 from mesh_llm.config import ApiConfig
 from mesh_llm.errors import MeshError
-from mesh_llm.net.http_tunnel import TunnelProtocolError, TunnelResponse, send_request
+from mesh_llm.net.http_tunnel import TunnelProtocolError, send_request
 from mesh_llm.net.quic import QuicPeerConnection, StreamReset
 from mesh_llm.wire.messages import HttpRequestHead
 
@@ -27,6 +29,14 @@ LOCAL_CONNECT_ATTEMPTS = 2  # a stale pooled connection, then a fresh one
 # llama-server (cpp-httplib) closes idle keep-alive connections after 5 s; the client pool
 # drops them sooner so that reuse rarely races with that close.
 UPSTREAM_KEEPALIVE_S = 2.0
+
+
+class LaneSender(Protocol):
+    async def send_over_lane(
+        self, node_id: str, head: HttpRequestHead, body: bytes
+    ) -> RemoteResponse | None:
+        """Send over the fast lane and wait for the head; None when there is no lane."""
+        ...
 
 
 class UpstreamFailed(MeshError):
@@ -95,10 +105,21 @@ async def open_local(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-class RemoteUpstream:
-    """A response streaming back from another node over an HTTP QUIC stream."""
+class RemoteResponse(Protocol):
+    """A response from another host, head received: over QUIC or over the fast lane."""
 
-    def __init__(self, response: TunnelResponse, idle_timeout_s: float) -> None:
+    status: int
+    headers: dict[str, str]
+
+    def chunks(self, idle_timeout_s: float) -> AsyncIterator[bytes]: ...
+
+    def abort(self) -> None: ...
+
+
+class RemoteUpstream:
+    """A response streaming back from another node (QUIC stream or fast-lane connection)."""
+
+    def __init__(self, response: RemoteResponse, idle_timeout_s: float) -> None:
         self._response = response
         self._idle_timeout_s = idle_timeout_s
         self._done = False
@@ -111,13 +132,30 @@ class RemoteUpstream:
             async for chunk in self._response.chunks(self._idle_timeout_s):
                 self.body_bytes += len(chunk)
                 yield chunk
-        except (StreamReset, TimeoutError) as exc:
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
             raise UpstreamFailed(f"the remote host failed mid-response: {exc!r}") from exc
         self._done = True
 
     def close(self) -> None:
         if not self._done:
             self._response.abort()
+
+
+def request_head(path: str, body: bytes, request_id: str) -> HttpRequestHead:
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+    return HttpRequestHead("POST", path, headers, len(body))
+
+
+async def open_lane(
+    lanes: LaneSender, node_id: str, head: HttpRequestHead, body: bytes, config: ApiConfig
+) -> RemoteUpstream | None:
+    """Send the request over the fast lane to `node_id`; None when it has none (use QUIC)."""
+    try:
+        async with asyncio.timeout(config.first_byte_timeout_s):
+            response = await lanes.send_over_lane(node_id, head, body)
+    except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
+        raise UpstreamFailed(f"the remote host failed before answering: {exc!r}") from exc
+    return RemoteUpstream(response, config.idle_chunk_timeout_s) if response is not None else None
 
 
 async def open_remote(
@@ -127,12 +165,7 @@ async def open_remote(
     request_id: str,
     config: ApiConfig,
 ) -> RemoteUpstream:
-    head = HttpRequestHead(
-        "POST",
-        path,
-        {"Content-Type": "application/json", "X-Request-Id": request_id},
-        len(body),
-    )
+    head = request_head(path, body, request_id)
     try:
         async with asyncio.timeout(config.first_byte_timeout_s):
             response = await send_request(connection, head, body)

@@ -12,7 +12,7 @@ mid-body. Bodies are written in bounded pieces, waiting while too many bytes are
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from mesh_llm.net.quic import QuicPeerConnection, QuicStream
@@ -30,17 +30,35 @@ class TunnelProtocolError(ConnectionError):
     """The other side sent something that is not a valid HTTP stream."""
 
 
-async def _read_head(stream: QuicStream) -> HttpRequestHead | HttpResponseHead:
-    length = int.from_bytes(await stream.read_exactly(_LENGTH_BYTES), "big")
+ReadExactly = Callable[[int], Awaitable[bytes]]
+
+
+async def read_head(read_exactly: ReadExactly) -> HttpRequestHead | HttpResponseHead:
+    """One framed head (u32 length + msgpack) from a QUIC stream or a fast-lane connection."""
+    length = int.from_bytes(await read_exactly(_LENGTH_BYTES), "big")
     if length > HEAD_MAX_BYTES:
         raise TunnelProtocolError(f"head of {length} bytes is over the {HEAD_MAX_BYTES} limit")
     try:
-        message = decode_message(await stream.read_exactly(length))
+        message = decode_message(await read_exactly(length))
     except DecodeError as exc:
         raise TunnelProtocolError(f"bad head: {exc}") from exc
     if not isinstance(message, HttpRequestHead | HttpResponseHead):
         raise TunnelProtocolError(f"expected an HTTP head, got {type(message).__name__}")
     return message
+
+
+async def read_request_from(
+    read_exactly: ReadExactly, max_body_bytes: int
+) -> tuple[HttpRequestHead, bytes]:
+    """The head and body of one inbound request. Raises `TunnelProtocolError` (and the
+    transport's own errors)."""
+    head = await read_head(read_exactly)
+    if not isinstance(head, HttpRequestHead):
+        raise TunnelProtocolError("expected a request head")
+    if not 0 <= head.body_len <= max_body_bytes:
+        raise TunnelProtocolError(f"body of {head.body_len} bytes is over the limit")
+    body = await read_exactly(head.body_len) if head.body_len else b""
+    return head, body
 
 
 async def write_body(stream: QuicStream, data: bytes) -> None:
@@ -86,7 +104,7 @@ async def send_request(
         stream.write(encode_frame(head))
         await write_body(stream, body)
         stream.write_eof()
-        answer = await _read_head(stream)
+        answer = await read_head(stream.read_exactly)
     except BaseException:
         stream.reset(RefuseCode.SHUTTING_DOWN)
         raise
@@ -101,13 +119,7 @@ async def send_request(
 
 async def read_request(stream: QuicStream, max_body_bytes: int) -> tuple[HttpRequestHead, bytes]:
     """The head and body of one inbound request. Raises `TunnelProtocolError`/`StreamReset`."""
-    head = await _read_head(stream)
-    if not isinstance(head, HttpRequestHead):
-        raise TunnelProtocolError("expected a request head")
-    if not 0 <= head.body_len <= max_body_bytes:
-        raise TunnelProtocolError(f"body of {head.body_len} bytes is over the limit")
-    body = await stream.read_exactly(head.body_len) if head.body_len else b""
-    return head, body
+    return await read_request_from(stream.read_exactly, max_body_bytes)
 
 
 def send_response_head(stream: QuicStream, status: int, headers: dict[str, str]) -> None:

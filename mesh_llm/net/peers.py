@@ -171,6 +171,13 @@ class PeerManager:
             self._pump()
             self._notify_clients()
 
+    def is_admitted(self, node_id: NodeId) -> bool:
+        """A mesh member gossip knows, or a node/client admitted on a live QUIC connection
+        (both hold the mesh secret): who may use this node's fast lane."""
+        if self._core is not None and node_id in self._core.records():
+            return True
+        return self._endpoint is not None and node_id in self._endpoint.admitted_ids()
+
     def connection_of(self, node_id: NodeId) -> QuicPeerConnection | None:
         link = self._links.get(node_id)
         return link.connection if link is not None else None

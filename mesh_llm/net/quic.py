@@ -276,6 +276,14 @@ class QuicEndpoint(asyncio.DatagramProtocol):
         self._certificate = x509.load_pem_x509_certificate(certificate_pem)
         self._private_key = serialization.load_pem_private_key(key_pem, password=None)
 
+    def admitted_ids(self) -> set[NodeId]:
+        """The nodes (and clients) with a live connection whose hello proved their key."""
+        return {
+            c.admitted_id
+            for c in self._connections.values()
+            if c.admitted_id is not None and not c.is_closed
+        }
+
     @classmethod
     async def bind(
         cls,

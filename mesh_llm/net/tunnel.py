@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
@@ -403,19 +403,41 @@ class RpcTunnels:
         return fast_lane_addr_of(record, self._peers.connection_of(worker))
 
 
-async def start_rpc_lane(
+LaneHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, NodeId], Awaitable[None]]
+
+
+async def start_fast_lane(
     identity: NodeIdentity,
     host: str,
     port: int,
-    members: Callable[[], Iterable[str]],
+    is_allowed: Callable[[NodeId], bool],
     rpc_port: Callable[[], int | None],
+    http: Callable[[], LaneHandler | None],
 ) -> FastLaneServer:
-    """Worker side: the fast-lane server, which admits mesh members only (`members()`, the
-    node ids gossip knows) and connects their RPC sessions to the local rpc-server."""
+    """The node's fast-lane server: admits the nodes `is_allowed` names (mesh members and
+    admitted clients), connects RPC sessions to the local rpc-server (a worker) and hands API
+    connections to `http()` (the API's inbound side, once it runs)."""
+    rpc = rpc_lane_handler(rpc_port)
+
+    async def on_connection(
+        peer: NodeId,
+        purpose: StreamType,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        handler = http() if purpose is StreamType.HTTP else None
+        if handler is not None:
+            await handler(reader, writer, peer)
+        elif purpose is StreamType.HTTP:
+            log.info("fast lane from %s: the API is not up yet", short_id(peer))
+        else:
+            await rpc(peer, purpose, reader, writer)
+
     return await FastLaneServer.start(
         identity,
         host=host,
         port=port,
-        on_connection=rpc_lane_handler(rpc_port),
-        is_allowed=lambda node: node != identity.node_id and node in set(members()),
+        on_connection=on_connection,
+        is_allowed=lambda node: node != identity.node_id and is_allowed(node),
+        purposes=frozenset({StreamType.RPC, StreamType.HTTP}),
     )

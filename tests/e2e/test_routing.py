@@ -136,6 +136,10 @@ def test_every_node_and_the_client_reach_both_models(
     listed = models_of(mesh[2])
     assert listed[DEMO]["meta"]["nodes"] == 1 and listed[COPY]["meta"]["nodes"] == 1
     assert listed[ABSENT]["meta"]["state"] == "cold"
+    # Every node asked the other host twice, the client both hosts twice: over the fast lane.
+    for node, remote_requests in zip(mesh, (2, 2, 4), strict=True):
+        lanes = node.status()["api_lanes"]
+        assert lanes["fast"] >= remote_requests and lanes["quic_for_now"] == [], (node, lanes)
 
 
 def test_one_keep_alive_connection_talks_to_both_models(

@@ -28,7 +28,7 @@ from mesh_llm.core.types import ModelName
 from mesh_llm.identity import new_mesh
 from mesh_llm.net.quic import QuicPeerConnection, QuicStream
 from mesh_llm.token import InviteToken
-from mesh_llm.wire.messages import RefuseCode, StreamType
+from mesh_llm.wire.messages import HttpRequestHead, RefuseCode, StreamType
 from tests.fakes.fake_llama import CHAT_REPLY, FakeLlama, serve
 from tests.fakes.waiting import wait_until
 from tests.integration.test_peers import Running
@@ -56,6 +56,9 @@ class Access:
 
     async def connection_for(self, node_id: str) -> QuicPeerConnection:
         return await self.node.peers.connection_for(node_id)
+
+    async def send_over_lane(self, node_id: str, head: HttpRequestHead, body: bytes) -> None:
+        return None  # no fast lane here: QUIC streams (see test_http_lane for the lane)
 
     def report_failure(self, node_id: str, reason: str) -> None:
         self.failures.append(node_id)

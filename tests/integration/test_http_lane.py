@@ -1,0 +1,224 @@
+"""API requests over the fast lane (TCP + TLS), on loopback with real sockets.
+
+A host runs a real `FastLaneServer` whose HTTP connections go to `InboundRequests.serve_lane`
+(answering from a fake llama-server); a requester's API (`create_app`) sends requests for the
+host's model through a real `HttpLanes` pool. Checked: answers and streams cross the lane chunk
+by chunk on one reused connection; a client that goes away cancels the host's request; a pooled
+connection the host closed is replaced transparently; a host without a lane (or that refuses
+us) is reached over QUIC instead; garbage on a lane connection closes only that connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any, cast
+
+import aiohttp
+import pytest
+
+from mesh_llm.api.admission import LocalAdmission
+from mesh_llm.api.app import create_app
+from mesh_llm.api.inbound import InboundRequests
+from mesh_llm.config import ApiConfig
+from mesh_llm.core.router import ModelState, ModelStatus
+from mesh_llm.core.types import ModelName, NodeId
+from mesh_llm.identity import NodeIdentity
+from mesh_llm.net import http_lane
+from mesh_llm.net.fastlane import FastLaneServer, fast_lane_connect
+from mesh_llm.net.http_lane import HttpLanes, LaneResponse
+from mesh_llm.net.quic import QuicPeerConnection
+from mesh_llm.wire.messages import HttpRequestHead, StreamType
+from tests.fakes.fake_llama import CHAT_REPLY, FakeLlama, serve
+from tests.fakes.waiting import wait_until
+
+MODEL = "lane-model"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+CONFIG = ApiConfig(port=0, first_byte_timeout_s=10.0, idle_chunk_timeout_s=10.0)
+TIMEOUT_S = 10.0
+
+
+class Directory:
+    def __init__(self, statuses: Sequence[ModelStatus] = ()) -> None:
+        self.statuses = list(statuses)
+
+    def model_statuses(self) -> Sequence[ModelStatus]:
+        return self.statuses
+
+
+class LaneAccess:
+    """The requester's MeshAccess: the fast lane through a real pool, no QUIC link."""
+
+    def __init__(self, lanes: HttpLanes) -> None:
+        self.lanes = lanes
+        self.failures: list[str] = []
+
+    async def send_over_lane(
+        self, node_id: str, head: HttpRequestHead, body: bytes
+    ) -> LaneResponse | None:
+        return await self.lanes.send(NodeId(node_id), head, body)
+
+    async def connection_for(self, node_id: str) -> QuicPeerConnection:
+        # Asked before the lane (a client's QUIC admission); never used when the lane answers.
+        return cast(QuicPeerConnection, object())
+
+    def report_failure(self, node_id: str, reason: str) -> None:
+        self.failures.append(node_id)
+
+    def count_request(self, model: str) -> None:
+        return None
+
+    async def drop(self, model: str) -> tuple[int, dict[str, Any]]:
+        return 404, {}
+
+
+@dataclass
+class Lane:
+    host: NodeIdentity
+    fake: FakeLlama
+    lanes: HttpLanes
+    access: LaneAccess
+    base: str
+    session: aiohttp.ClientSession
+    connections: list[NodeId]  # one entry per lane connection the host accepted
+
+
+@pytest.fixture
+async def lane() -> AsyncIterator[Lane]:
+    host, requester = NodeIdentity.generate(), NodeIdentity.generate()
+    fake = FakeLlama(healthy=True, chunks=4, hold_last_chunk=True)
+    connections: list[NodeId] = []
+    async with AsyncExitStack() as stack:
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        backend = await stack.enter_async_context(serve(fake.app()))
+        host_directory = Directory(
+            [ModelStatus(ModelName(MODEL), ModelState.READY, endpoint=backend)]
+        )
+        inbound = InboundRequests(
+            host_directory, session, CONFIG, LocalAdmission(CONFIG.queue_depth)
+        )
+
+        async def on_connection(
+            peer: NodeId,
+            purpose: StreamType,
+            reader: asyncio.StreamReader,
+            writer: asyncio.StreamWriter,
+        ) -> None:
+            connections.append(peer)
+            await inbound.serve_lane(reader, writer, peer)
+
+        server = await FastLaneServer.start(
+            host,
+            host="127.0.0.1",
+            on_connection=on_connection,
+            is_allowed=lambda node: node == requester.node_id,
+            purposes=frozenset({StreamType.HTTP}),
+        )
+        stack.push_async_callback(server.close)
+        lanes = HttpLanes(requester, lambda _node: ("127.0.0.1", server.port), TIMEOUT_S)
+        stack.push_async_callback(lanes.close_all)
+        access = LaneAccess(lanes)
+        directory = Directory(
+            [ModelStatus(ModelName(MODEL), ModelState.LOADING, remote=(host.node_id,))]
+        )
+        base = await stack.enter_async_context(serve(create_app(directory, CONFIG, mesh=access)))
+        yield Lane(host, fake, lanes, access, base, session, connections)
+
+
+async def test_requests_cross_the_lane_on_one_reused_connection(lane: Lane) -> None:
+    headers = {"X-Request-Id": "lane-1"}
+    lane.fake.release()  # nothing held: plain answers
+    for _ in range(3):
+        async with lane.session.post(
+            lane.base + "/v1/chat/completions", json=CHAT, headers=headers
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            assert resp.headers["X-Request-Id"] == "lane-1"
+            assert (await resp.json())["choices"][0]["message"]["content"] == CHAT_REPLY
+    assert lane.fake.requests[-1].headers["X-Request-Id"] == "lane-1"
+    assert lane.lanes.sent == {"fast": 3, "quic": 0}
+    assert len(lane.connections) == 1  # the pool reused the one connection
+
+
+async def test_a_stream_arrives_chunk_by_chunk(lane: Lane) -> None:
+    stream = {**CHAT, "stream": True}
+    async with lane.session.post(lane.base + "/v1/chat/completions", json=stream) as resp:
+        assert resp.status == 200
+        seen = b""
+        while seen.count(b"data: ") < 3:  # three chunks arrive while the last one is held
+            seen += await asyncio.wait_for(resp.content.readany(), TIMEOUT_S)
+        assert b"[DONE]" not in seen
+        lane.fake.release()
+        seen += await resp.content.read()
+    assert seen.endswith(b"data: [DONE]\n\n")
+    assert lane.fake.streams_finished == 1
+    # The connection went back to the pool after the end marker: the next request reuses it.
+    async with lane.session.post(lane.base + "/v1/chat/completions", json=CHAT) as resp:
+        assert resp.status == 200
+    assert len(lane.connections) == 1
+
+
+async def test_client_disconnect_cancels_the_request_on_the_host(lane: Lane) -> None:
+    resp = await lane.session.post(
+        lane.base + "/v1/chat/completions", json={**CHAT, "stream": True}
+    )
+    seen = b""
+    while seen.count(b"data: ") < 2:
+        seen += await asyncio.wait_for(resp.content.readany(), TIMEOUT_S)
+    resp.close()  # the API client goes away mid-stream
+    await wait_until(lambda: lane.fake.cancelled == 1, "the host's upstream request cancelled")
+    assert lane.fake.streams_finished == 0
+    lane.fake.release()
+    async with lane.session.post(lane.base + "/v1/chat/completions", json=CHAT) as resp:
+        assert resp.status == 200  # a fresh connection: the aborted one was closed
+    assert len(lane.connections) == 2
+
+
+async def test_a_pooled_connection_the_host_closed_is_replaced(
+    lane: Lane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_lane, "HOST_IDLE_S", 0.2)
+    lane.fake.release()
+    async with lane.session.post(lane.base + "/v1/chat/completions", json=CHAT) as resp:
+        assert resp.status == 200
+    await asyncio.sleep(0.5)  # the host closes the idle connection
+    async with lane.session.post(lane.base + "/v1/chat/completions", json=CHAT) as resp:
+        assert resp.status == 200, await resp.text()
+    assert len(lane.connections) == 2
+    assert lane.access.failures == []
+
+
+async def test_garbage_closes_only_that_connection(lane: Lane) -> None:
+    reader, writer, _ = await fast_lane_connect(
+        lane.lanes._identity,
+        "127.0.0.1",
+        _port_of(lane),
+        lane.host.node_id,
+        TIMEOUT_S,
+        StreamType.HTTP,
+    )
+    writer.write(b"\xff\xff\xff\xff" + b"junk")
+    assert await asyncio.wait_for(reader.read(), TIMEOUT_S) == b""  # the host hung up
+    writer.close()
+    lane.fake.release()
+    async with lane.session.post(lane.base + "/v1/chat/completions", json=CHAT) as resp:
+        assert resp.status == 200
+
+
+async def test_without_a_lane_the_request_goes_over_quic(lane: Lane) -> None:
+    refused = HttpLanes(NodeIdentity.generate(), lambda _node: ("127.0.0.1", _port_of(lane)), 5)
+    head = HttpRequestHead("POST", "/v1/chat/completions", {}, 2)
+    assert await refused.send(lane.host.node_id, head, b"{}") is None  # not allowed: QUIC
+    assert refused.sent == {"fast": 0, "quic": 1}
+    # Within LANE_RETRY_S the lane is not dialled again.
+    assert await refused.send(lane.host.node_id, head, b"{}") is None
+    no_address = HttpLanes(NodeIdentity.generate(), lambda _node: None, 5)
+    assert await no_address.send(lane.host.node_id, head, b"{}") is None
+
+
+def _port_of(lane: Lane) -> int:
+    address = lane.lanes._address_of(lane.host.node_id)
+    assert address is not None
+    return address[1]
