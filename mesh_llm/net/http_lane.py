@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 LANE_RETRY_S = 60.0  # after a failed dial, QUIC carries a host's requests for this long
 POOL_IDLE_S = 20.0  # the requester drops a pooled connection unused this long
+POOL_MAX_IDLE = 16  # idle connections kept per host (each TLS connection holds ~300 KB)
 HOST_IDLE_S = 60.0  # the host closes a connection that brings no request this long
 MAX_CHUNK_BYTES = 16 * 1024 * 1024  # one body chunk on the wire (llama-server's are tiny)
 _LENGTH_BYTES = 4
@@ -157,8 +158,12 @@ class HttpLanes:
 
     def _release(self, node_id: NodeId) -> Callable[[_Connection], None]:
         def release(connection: _Connection) -> None:
+            idle = self._idle.setdefault(node_id, [])
+            if len(idle) >= POOL_MAX_IDLE:
+                connection.writer.close()
+                return
             connection.last_used = time.monotonic()
-            self._idle.setdefault(node_id, []).append(connection)
+            idle.append(connection)
 
         return release
 

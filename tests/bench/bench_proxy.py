@@ -3,18 +3,27 @@
 Starts host A (`--model gemma-3-270m` with `--llama-server-path` pointing at
 `tests/fakes/fake_llama_server.py`) and a passive client C joined to it. Measures, in one run:
 1. SSE events per second of one long stream: direct to the fake, through A's API (local
-   route), and through C's API (remote route: one QUIC hop).
-2. 100 concurrent streaming requests through C for 30 s (each 200 events, 5 ms apart): requests
-   completed, errors, events/s, and the RSS of A and C before and after.
+   route), through C's API (remote route: one hop over the fast lane) and through a second
+   client whose API requests stay on QUIC streams (`MESH_LLM_API_FAST_LANE=0`).
+2. 100 concurrent streaming requests through C (fast lane) for 30 s (each 200 events, 5 ms
+   apart): requests completed, errors, events/s, and the RSS of A and C before and after.
+3. Time to first byte of short streams (2 events), sequential, legs shuffled each round:
+   the proxy's own added latency per route, without a model competing for the CPU.
 Run with `python -m tests.bench.bench_proxy` (part of `just bench`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
+import random
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
@@ -29,6 +38,9 @@ CONCURRENT = 100
 SOAK_S = 30.0
 SOAK_EVENTS = 200
 SOAK_DELAY_S = 0.005
+LATENCY_ROUNDS = 200
+LATENCY_EVENTS = 2
+NAMES = {"remote": "remote (fast lane)", "quic": "remote (QUIC)"}
 BODY = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
 
@@ -82,61 +94,101 @@ def rss_mb(node: MeshProcess) -> float:
     return psutil.Process(node.proc.pid).memory_info().rss / 2**20
 
 
+@contextmanager
+def topology(root: Path, name: str, env: dict[str, str]) -> Iterator[dict[str, MeshProcess]]:
+    """Host A on the fake (`env` shapes its streams), client C on the fast lane, client Q
+    whose API requests stay on QUIC; every process stopped on exit."""
+    fake = write_wrapper(root / "fake-bin")
+    common = ["--models-dir", str(root / "models"), "--llama-server-path", str(fake)]
+    # The soak's 100 streams must not meet the default queue depth (64): it measures the proxy.
+    args = ["--model", "gemma-3-270m", "--queue-depth", str(4 * CONCURRENT), *common]
+    nodes = {"host": MeshProcess(root / f"{name}-a", args, env=env).start()}
+    try:
+        nodes["host"].wait_ready()
+        wait_until(lambda: bool(nodes["host"].status().get("token")), 30, "token")
+        join = ["--client", "--join", nodes["host"].status()["token"]]
+        nodes["remote"] = MeshProcess(root / f"{name}-c", join).start()
+        nodes["quic"] = MeshProcess(root / f"{name}-q", join, env={"MESH_LLM_API_FAST_LANE": "0"})
+        nodes["quic"].start()
+        for client in ("remote", "quic"):
+            nodes[client].wait_ready()
+        yield nodes
+    finally:
+        for node in reversed(nodes.values()):
+            node.stop()
+
+
+def bases(nodes: dict[str, MeshProcess]) -> dict[str, str]:
+    return {
+        "direct": f"http://127.0.0.1:{nodes['host'].llama_server_port()}",
+        "local": nodes["host"].base_url,
+        "remote": nodes["remote"].base_url,
+        "quic": nodes["quic"].base_url,
+    }
+
+
+def first_byte_s(base: str) -> float:
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    started = time.perf_counter()
+    connection.request(
+        "POST", "/v1/chat/completions", json.dumps(BODY), {"Content-Type": "application/json"}
+    )
+    response = connection.getresponse()
+    first = 0.0
+    for line in response:
+        if not first and line.startswith(b"data: "):
+            first = time.perf_counter() - started
+    connection.close()
+    return first
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mesh-llm-bench-proxy-") as tmp:
         root = Path(tmp)
         install_demo_model(root / "models", None)
-        fake = write_wrapper(root / "fake-bin")
-        common = ["--models-dir", str(root / "models"), "--llama-server-path", str(fake)]
-        env = {"FAKE_LLAMA_CHUNKS": str(LONG_STREAM_EVENTS)}
-        host = MeshProcess(root / "a", ["--model", "gemma-3-270m", *common], env=env).start()
-        client: MeshProcess | None = None
-        try:
-            host.wait_ready()
-            wait_until(lambda: bool(host.status().get("token")), 30, "token")
-            token = host.status()["token"]
-            client = MeshProcess(root / "c", ["--client", "--join", token]).start()
-            client.wait_ready()
-            direct = f"http://127.0.0.1:{host.llama_server_port()}"
-            rates = {
-                "direct": asyncio.run(events_per_s(direct)),
-                "local": asyncio.run(events_per_s(host.base_url)),
-                "remote": asyncio.run(events_per_s(client.base_url)),
-            }
-            print(f"one stream of {LONG_STREAM_EVENTS} SSE events, fake upstream, events/s:")
-            for key, rate in rates.items():
-                print(f"  {key:6s} {rate:9.0f} events/s  ({rate / rates['direct']:.2f} of direct)")
-        finally:
-            if client is not None:
-                client.stop()
-            host.stop()
-        # The soak: a fake that streams SOAK_EVENTS events SOAK_DELAY_S apart.
-        env = {"FAKE_LLAMA_CHUNKS": str(SOAK_EVENTS), "FAKE_LLAMA_DELAY_S": str(SOAK_DELAY_S)}
-        host = MeshProcess(root / "a2", ["--model", "gemma-3-270m", *common], env=env).start()
-        client = None
-        try:
-            host.wait_ready()
-            wait_until(lambda: bool(host.status().get("token")), 30, "token")
-            client = MeshProcess(root / "c2", ["--client", "--join", host.status()["token"]])
-            client.start().wait_ready()
+        with topology(root, "rate", {"FAKE_LLAMA_CHUNKS": str(LONG_STREAM_EVENTS)}) as nodes:
+            rates = {key: asyncio.run(events_per_s(base)) for key, base in bases(nodes).items()}
+        print(f"one stream of {LONG_STREAM_EVENTS} SSE events, fake upstream, events/s:")
+        for key, rate in rates.items():
+            name = NAMES.get(key, key)
+            print(f"  {name:18s} {rate:9.0f} events/s  ({rate / rates['direct']:.2f} of direct)")
+
+        with topology(root, "latency", {"FAKE_LLAMA_CHUNKS": str(LATENCY_EVENTS)}) as nodes:
+            urls = bases(nodes)
+            for base in urls.values():
+                first_byte_s(base)  # warm-up: connections, on-demand links
+            samples: dict[str, list[float]] = {key: [] for key in urls}
+            order, shuffle = list(urls), random.Random(0).shuffle
+            for _ in range(LATENCY_ROUNDS):
+                shuffle(order)
+                for key in order:
+                    samples[key].append(first_byte_s(urls[key]))
+        medians = {key: statistics.median(v) * 1000 for key, v in samples.items()}
+        print(f"time to first byte, {LATENCY_ROUNDS} short streams per route, medians:")
+        for key, median in medians.items():
+            added = median - medians["direct"]
+            print(f"  {NAMES.get(key, key):18s} {median:6.2f} ms  ({added:+.2f} ms)")
+
+        soak_env = {"FAKE_LLAMA_CHUNKS": str(SOAK_EVENTS), "FAKE_LLAMA_DELAY_S": str(SOAK_DELAY_S)}
+        with topology(root, "soak", soak_env) as nodes:
+            client = nodes["remote"]
             asyncio.run(events_per_s(client.base_url))  # warm-up
-            before = (rss_mb(host), rss_mb(client))
+            before = (rss_mb(nodes["host"]), rss_mb(client))
             started = time.monotonic()
             done, errors, events = asyncio.run(soak(client.base_url))
             elapsed = time.monotonic() - started
-            after = (rss_mb(host), rss_mb(client))
-            print(
-                f"{CONCURRENT} concurrent streams through the remote route for {elapsed:.0f} s: "
-                f"{done} requests, {errors} errors, {events / elapsed:.0f} events/s"
-            )
-            print(
-                f"  RSS host {before[0]:.0f} -> {after[0]:.0f} MB, "
-                f"client {before[1]:.0f} -> {after[1]:.0f} MB"
-            )
-        finally:
-            if client is not None:
-                client.stop()
-            host.stop()
+            after = (rss_mb(nodes["host"]), rss_mb(client))
+            lanes = client.status()["api_lanes"]
+        print(
+            f"{CONCURRENT} concurrent streams through the remote route (fast lane) for "
+            f"{elapsed:.0f} s: {done} requests, {errors} errors, {events / elapsed:.0f} events/s "
+            f"(lane: {lanes['fast']} requests, QUIC: {lanes['quic']})"
+        )
+        print(
+            f"  RSS host {before[0]:.0f} -> {after[0]:.0f} MB, "
+            f"client {before[1]:.0f} -> {after[1]:.0f} MB"
+        )
     return 0
 
 

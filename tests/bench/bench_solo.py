@@ -1,11 +1,12 @@
 """Benchmark: the demo model through the mesh-llm API vs direct to its llama-server, same run.
 
-Starts one real node (`mesh-llm --model gemma-3-270m`) and a passive client joined to it, then
+Starts one real node (`mesh-llm --model gemma-3-270m`) and two passive clients joined to it, then
 alternates identical streaming requests (fixed prompt, temperature 0, `ignore_eos`, fixed token
 count) sent directly to the node's llama-server, through the node's API (local route) and
-through the client's API (remote route: one QUIC hop), and prints medians and ratios:
-generation tokens/s (client-side, after the first token) and time to first token. Run with
-`just bench`.
+through a client's API (remote route: one hop over the fast lane) and through a second client
+whose API requests stay on QUIC streams (`MESH_LLM_API_FAST_LANE=0`), and prints medians and
+ratios: generation tokens/s (client-side, after the first token) and time to first token. Legs
+run in a shuffled order each round (fixed seed). Run with `just bench`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -24,7 +26,7 @@ from mesh_llm.config import BackendConfig, load_config
 from mesh_llm.models.demo import install_demo_model
 from tests.e2e.harness import MeshProcess, wait_until
 
-ROUNDS = 15
+ROUNDS = 20
 MAX_TOKENS = 128
 BODY = {
     "model": "gemma-3-270m-q4_k_m",
@@ -75,23 +77,35 @@ def main() -> int:
             home.mkdir()
             (home / "config.toml").write_text(f"[backend]\nthreads = {int(threads)}\n")
         node = MeshProcess(home, args).start()
-        client: MeshProcess | None = None
+        clients: list[MeshProcess] = []
         try:
             node.wait_ready()
             wait_until(lambda: bool(node.status().get("token")), 30, "token")
-            client = MeshProcess(
-                Path(tmp) / "client", ["--client", "--join", node.status()["token"]]
-            )
-            client.start().wait_ready()
-            ports = {"direct": node.llama_server_port(), "local": node.port, "remote": client.port}
+            join = ["--client", "--join", node.status()["token"]]
+            fast = MeshProcess(Path(tmp) / "client", join)
+            quic = MeshProcess(Path(tmp) / "client-quic", join, env={"MESH_LLM_API_FAST_LANE": "0"})
+            for client in (fast, quic):
+                clients.append(client)
+                client.start().wait_ready()
+            ports = {
+                "direct": node.llama_server_port(),
+                "local": node.port,
+                "remote": fast.port,
+                "quic": quic.port,
+            }
             for port in ports.values():
-                stream_once(port)  # warm-up (and the client's on-demand QUIC link)
+                stream_once(port)  # warm-up (and the clients' on-demand links)
             results: dict[str, list[tuple[float, float, int]]] = {key: [] for key in ports}
+            order = list(ports)
+            shuffle = random.Random(0).shuffle
             for _ in range(ROUNDS):
-                for key, port in ports.items():
-                    results[key].append(stream_once(port))
+                shuffle(order)  # the leg after another waits on that one's slot release
+                for key in order:
+                    results[key].append(stream_once(ports[key]))
+            lanes = fast.status()["api_lanes"]
+            assert lanes["quic"] == 0 and lanes["fast"] > ROUNDS, lanes
         finally:
-            if client is not None:
+            for client in clients:
                 client.stop()
             node.stop()
     report(results)
@@ -104,9 +118,10 @@ def report(results: dict[str, list[tuple[float, float, int]]]) -> None:
     print(f"demo model, {ROUNDS} rounds of {MAX_TOKENS} tokens, streaming, medians:")
     for key in results:
         print(f"  {key:6s}  {tps[key]:6.1f} tokens/s   TTFT {ttft[key] * 1000:7.1f} ms")
-    for key in ("local", "remote"):
+    names = {"local": "local", "remote": "remote (fast lane)", "quic": "remote (QUIC)"}
+    for key, name in names.items():
         print(
-            f"  {key} route: {tps[key] / tps['direct']:.3f} of direct tokens/s, "
+            f"  {name} route: {tps[key] / tps['direct']:.3f} of direct tokens/s, "
             f"TTFT {(ttft[key] - ttft['direct']) * 1000:+.1f} ms"
         )
 
