@@ -74,7 +74,21 @@ def show_status(config: Config, console: Console, *, as_json: bool) -> int:
         )
     console.print(peers)
     _show_tunnels(console, status.get("rpc_tunnels", []))
+    _show_api_lanes(console, status.get("api_lanes"))
     return 0
+
+
+def _show_api_lanes(console: Console, lanes: dict[str, Any] | None) -> None:
+    """API requests this node sent to other hosts, per lane (fast = TCP+TLS, quic)."""
+    if not lanes or not (lanes["fast"] or lanes["quic"] or lanes["quic_for_now"]):
+        return
+    line = (
+        f"API requests to other hosts: {lanes['fast']} over the fast lane, "
+        f"{lanes['quic']} over QUIC"
+    )
+    if lanes["quic_for_now"]:
+        line += f" (on QUIC for now: {', '.join(lanes['quic_for_now'])})"
+    console.print(line, highlight=False)
 
 
 def _show_tunnels(console: Console, tunnels: list[dict[str, Any]]) -> None:

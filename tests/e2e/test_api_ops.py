@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mesh_llm.backend.build import Binaries
 from tests.e2e.harness import MeshProcess, http_status, wait_until
-from tests.e2e.test_solo import DEMO_MODEL, PROMPT
+from tests.e2e.test_solo import DEMO_MODEL, PROMPT, open_long_stream
 
 pytestmark = pytest.mark.e2e
 
@@ -145,21 +145,7 @@ def test_metrics_count_a_real_chat(node: MeshProcess) -> None:
 
 
 def _open_stream(node: MeshProcess) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=HTTP_TIMEOUT_S)
-    body = {
-        "model": DEMO_MODEL,
-        "messages": PROMPT,
-        "max_tokens": 2000,
-        "stream": True,
-        "ignore_eos": True,
-    }
-    connection.request(
-        "POST",
-        "/v1/chat/completions",
-        json.dumps(body),
-        {"Content-Type": "application/json", **AUTH},
-    )
-    return connection, connection.getresponse()
+    return open_long_stream(node.port, AUTH, HTTP_TIMEOUT_S)
 
 
 def test_second_stream_is_429_when_the_queue_depth_is_1(node: MeshProcess) -> None:

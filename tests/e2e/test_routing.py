@@ -140,6 +140,14 @@ def test_every_node_and_the_client_reach_both_models(
     for node, remote_requests in zip(mesh, (2, 2, 4), strict=True):
         lanes = node.status()["api_lanes"]
         assert lanes["fast"] >= remote_requests and lanes["quic_for_now"] == [], (node, lanes)
+    shown = subprocess.run(
+        [sys.executable, "-m", "mesh_llm", "status", "--console", str(mesh[2].console_port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert "over the fast lane" in shown, shown
 
 
 def test_one_keep_alive_connection_talks_to_both_models(

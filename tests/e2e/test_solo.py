@@ -129,9 +129,11 @@ def _llama_metric(port: int, name: str) -> float:
     raise AssertionError(f"metric {name} not found")
 
 
-def test_client_disconnect_frees_the_slot(solo: MeshProcess) -> None:
-    port = solo.llama_server_port()
-    connection = http.client.HTTPConnection("127.0.0.1", solo.port, timeout=60)
+def open_long_stream(
+    port: int, headers: dict[str, str] | None = None, timeout_s: float = 60
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """A streaming chat of 2000 tokens (it runs until the client goes away), head received."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
     body = {
         "model": DEMO_MODEL,
         "messages": PROMPT,
@@ -140,9 +142,17 @@ def test_client_disconnect_frees_the_slot(solo: MeshProcess) -> None:
         "ignore_eos": True,
     }
     connection.request(
-        "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(body),
+        {"Content-Type": "application/json", **(headers or {})},
     )
-    response = connection.getresponse()
+    return connection, connection.getresponse()
+
+
+def test_client_disconnect_frees_the_slot(solo: MeshProcess) -> None:
+    port = solo.llama_server_port()
+    connection, response = open_long_stream(solo.port)
     assert response.status == 200
     events = 0
     while events < 3:  # a few generated chunks: generation is under way
