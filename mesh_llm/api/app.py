@@ -78,18 +78,27 @@ def create_app(
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Exceptions ⇒ OpenAI-shaped errors. Requests to the model endpoints refused here (400)
+    or by the API key (401, the middleware inside this one) are counted in `/metrics` with
+    model "" and route "none"; everything past validation is counted by the proxy."""
     try:
-        return await handler(request)
+        response = await handler(request)
     except InvalidRequest as exc:
-        return web.json_response(
+        response = web.json_response(
             error_body(400, str(exc), "invalid_request", exc.param), status=400
         )
     except web.HTTPRequestEntityTooLarge as exc:
-        return json_error(400, f"request body too large: {exc.text}", "body_too_large")
+        response = json_error(400, f"request body too large: {exc.text}", "body_too_large")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return json_error(exc.status, exc.reason, exc.reason.lower().replace(" ", "_"))
+    else:
+        if response.status != 401:
+            return response
+    if request.path in PROXIED_PATHS:
+        request.app[operations.METRICS_KEY].request_refused("", "none", response.status)
+    return response
 
 
 def _drop_handler(mesh: MeshAccess) -> Handler:

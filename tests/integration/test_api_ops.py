@@ -114,6 +114,9 @@ async def test_requests_without_the_key_are_401(
         assert error["code"] == "invalid_api_key"
         assert message in str(error["message"])
     assert ops.fake.requests == []
+    # One of the four paths is a model endpoint: that refusal is counted (read with the key).
+    labels = {"model": "", "route": "none", "status": "401"}
+    assert await ops.metric("mesh_llm_requests_total", **labels) == 1
 
 
 async def test_the_key_opens_the_api_and_probes_stay_open(ops: Ops) -> None:
@@ -210,6 +213,8 @@ async def test_chunked_body_over_the_limit_is_400(ops: Ops) -> None:
         error = _error(await response.json())
     assert error["code"] == "body_too_large"
     assert ops.fake.requests == []
+    labels = {"model": "", "route": "none", "status": "400"}
+    assert await ops.metric("mesh_llm_requests_total", **labels) == 1
 
 
 async def test_header_over_the_limit_is_400_and_under_it_passes(ops: Ops) -> None:
