@@ -62,7 +62,7 @@ def create_app(
         )
         async with aiohttp.ClientSession(connector=connector) as session:
             app[PROXY_KEY] = Proxy(directory, mesh, session, config, metrics, admission)
-            app[INBOUND_KEY] = InboundRequests(directory, session, config, admission)
+            app[INBOUND_KEY] = InboundRequests(directory, session, config, admission, metrics)
             yield
 
     app.router.add_get("/v1/models", api.models)

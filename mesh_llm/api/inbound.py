@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from mesh_llm.api.admission import LocalAdmission
+from mesh_llm.api.metrics import CLIENT_CLOSED_STATUS, ERROR_STATUS, ApiMetrics
 from mesh_llm.api.openai import PROXIED_PATHS, InvalidRequest, error_body, validate_request
 from mesh_llm.api.operations import QUEUE_FULL_STATUS, queue_full_message
 from mesh_llm.api.proxy import ModelDirectory
@@ -40,6 +41,7 @@ from mesh_llm.wire.messages import HttpRequestHead, RefuseCode
 log = logging.getLogger(__name__)
 
 DROP_PATH = "/mesh/drop"
+BROKEN_OFF_STATUS = 502  # counted for an answer broken off mid-body (its backend failed)
 REQUEST_HEAD_TIMEOUT_S = 30.0  # a requester that opens a stream must send its request by then
 
 DropHandler = Callable[[str], Awaitable[tuple[int, dict[str, Any]]]]
@@ -54,9 +56,11 @@ class InboundRequests:
         session: aiohttp.ClientSession,
         config: ApiConfig,
         admission: LocalAdmission,
+        metrics: ApiMetrics,
         drop: DropHandler | None = None,
     ) -> None:
         self._directory = directory
+        self._metrics = metrics
         self._admission = admission
         self._session = session
         self._config = config
@@ -95,7 +99,19 @@ class InboundRequests:
         await serve_http_lane(reader, writer, peer, self.answer, self._config.max_body_bytes)
 
     async def answer(self, stream: ResponseSink, head: HttpRequestHead, body: bytes) -> None:
-        """Answer one request from another node through `stream`, from the local backend."""
+        """Answer one request from another node through `stream`, from the local backend;
+        counted in `/metrics` (`mesh_llm_peer_requests_total`) with the status it got."""
+        recorded = _Recorded(stream)
+        try:
+            await self._answer(recorded, head, body)
+        except asyncio.CancelledError:
+            recorded.status = CLIENT_CLOSED_STATUS  # the requester went away
+            raise
+        finally:
+            if head.path in PROXIED_PATHS:
+                self._metrics.peer_request(recorded.model, recorded.status or ERROR_STATUS)
+
+    async def _answer(self, stream: _Recorded, head: HttpRequestHead, body: bytes) -> None:
         path, request_id = head.path, head.headers.get("X-Request-Id", "")
         if path == DROP_PATH and self.drop is not None:
             status, document = await self.drop(_drop_model(body))
@@ -118,6 +134,7 @@ class InboundRequests:
             await _send_error(stream, route.status, route.message, route.code, route.retry_after_s)
             return
         assert route.endpoint is not None  # remote candidates were removed above
+        stream.model = route.model
         release = self._admission.try_acquire(route.model)
         if release is None:  # the requester retries on another replica or relays the 429
             message = queue_full_message(route.model, self._config)
@@ -151,6 +168,29 @@ class ResponseSink(Protocol):
     def end(self) -> None: ...
 
     def abort(self) -> None: ...
+
+
+class _Recorded:
+    """A `ResponseSink` that remembers the status it answered and the model it served."""
+
+    def __init__(self, sink: ResponseSink) -> None:
+        self._sink = sink
+        self.status = 0
+        self.model = ""
+
+    def head(self, status: int, headers: dict[str, str]) -> None:
+        self.status = status
+        self._sink.head(status, headers)
+
+    async def body(self, chunk: bytes) -> None:
+        await self._sink.body(chunk)
+
+    def end(self) -> None:
+        self._sink.end()
+
+    def abort(self) -> None:
+        self.status = BROKEN_OFF_STATUS
+        self._sink.abort()
 
 
 class QuicSink:

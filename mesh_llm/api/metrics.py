@@ -47,6 +47,7 @@ METRIC_NAMES = (
     "mesh_llm_peers",
     "mesh_llm_backend_state",
     "mesh_llm_tunnel_bytes_total",
+    "mesh_llm_peer_requests_total",
 )
 
 
@@ -105,7 +106,17 @@ class ApiMetrics:
             by_route,
             registry=self.registry,
         )
+        self.peer_requests = Counter(
+            "mesh_llm_peer_requests",
+            "Requests this node answered for other nodes (over the fast lane or QUIC)",
+            ("model", "status"),
+            registry=self.registry,
+        )
         self.registry.register(_SourcesCollector(sources))
+
+    def peer_request(self, model: str, status: int) -> None:
+        """Count a request another node sent here (`model` "" unless it is a known name)."""
+        self.peer_requests.labels(model, str(status)).inc()
 
     def request_started(
         self, model: str, route: RouteKind, *, started: float | None = None

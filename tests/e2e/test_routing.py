@@ -148,6 +148,15 @@ def test_every_node_and_the_client_reach_both_models(
         check=True,
     ).stdout
     assert "over the fast lane" in shown, shown
+    # Host A answered B's and C's requests for its model, and counts them.
+    with urllib.request.urlopen(mesh[0].base_url + "/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    served = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("mesh_llm_peer_requests_total{") and 'status="200"' in line
+    ]
+    assert sum(served) >= 4, metrics
 
 
 def test_one_keep_alive_connection_talks_to_both_models(

@@ -22,6 +22,7 @@ import pytest
 from mesh_llm.api.admission import LocalAdmission
 from mesh_llm.api.app import create_app
 from mesh_llm.api.inbound import InboundRequests
+from mesh_llm.api.metrics import ApiMetrics, MetricSources
 from mesh_llm.config import ApiConfig
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName, NodeId
@@ -97,7 +98,11 @@ async def lane() -> AsyncIterator[Lane]:
             [ModelStatus(ModelName(MODEL), ModelState.READY, endpoint=backend)]
         )
         inbound = InboundRequests(
-            host_directory, session, CONFIG, LocalAdmission(CONFIG.queue_depth)
+            host_directory,
+            session,
+            CONFIG,
+            LocalAdmission(CONFIG.queue_depth),
+            ApiMetrics(MetricSources()),
         )
 
         async def on_connection(

@@ -22,6 +22,7 @@ import pytest
 from mesh_llm.api.admission import LocalAdmission
 from mesh_llm.api.app import create_app
 from mesh_llm.api.inbound import InboundRequests
+from mesh_llm.api.metrics import CLIENT_CLOSED_STATUS, ApiMetrics, MetricSources
 from mesh_llm.config import ApiConfig
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName
@@ -78,11 +79,12 @@ class Host:
         self.fake = fake
         self.directory = Directory()
         self.admission = LocalAdmission(CONFIG.queue_depth)
+        self.metrics = ApiMetrics(MetricSources())
 
     async def start(self, stack: AsyncExitStack, session: aiohttp.ClientSession) -> None:
         url = await stack.enter_async_context(serve(self.fake.app()))
         self.directory.statuses = [ModelStatus(ModelName(MODEL), ModelState.READY, endpoint=url)]
-        inbound = InboundRequests(self.directory, session, CONFIG, self.admission)
+        inbound = InboundRequests(self.directory, session, CONFIG, self.admission, self.metrics)
         self.node.peers.http_handler = inbound.serve
 
 
@@ -129,7 +131,7 @@ async def test_non_streamed_and_streamed_requests_cross_one_quic_hop(
     mesh: tuple[Running, Running, AsyncExitStack],
 ) -> None:
     fake = FakeLlama(healthy=True, chunks=4, hold_last_chunk=True)
-    _host, base, access, session = await _remote_host(mesh, fake)
+    host, base, access, session = await _remote_host(mesh, fake)
 
     headers = {"X-Request-Id": "req-42"}
     async with session.post(base + "/v1/chat/completions", json=CHAT, headers=headers) as resp:
@@ -153,6 +155,8 @@ async def test_non_streamed_and_streamed_requests_cross_one_quic_hop(
         seen += await resp.content.read()
     assert b"tok3" in seen and seen.endswith(b"data: [DONE]\n\n")
     assert fake.streams_finished == 1
+    # The host counts what it answered for other nodes.
+    assert host.metrics.peer_requests.labels(MODEL, "200")._value.get() == 2
 
 
 async def test_refusals_of_the_host_are_relayed_with_retry_after(
@@ -227,7 +231,7 @@ async def test_client_disconnect_cancels_the_request_on_the_host(
     mesh: tuple[Running, Running, AsyncExitStack],
 ) -> None:
     fake = FakeLlama(healthy=True, chunks=3, hold_last_chunk=True)
-    _host, base, _access, session = await _remote_host(mesh, fake)
+    host, base, _access, session = await _remote_host(mesh, fake)
     resp = await session.post(base + "/v1/chat/completions", json={**CHAT, "stream": True})
     seen = b""
     while seen.count(b"data: ") < 2:
@@ -235,6 +239,8 @@ async def test_client_disconnect_cancels_the_request_on_the_host(
     resp.close()  # the API client goes away mid-stream
     await wait_until(lambda: fake.cancelled == 1, "the host's upstream request cancelled")
     assert fake.streams_finished == 0
+    closed = host.metrics.peer_requests.labels(MODEL, str(CLIENT_CLOSED_STATUS))
+    await wait_until(lambda: closed._value.get() == 1, "the host counts a 499")
 
 
 async def test_a_host_failing_before_its_answer_is_retried_on_a_replica(
