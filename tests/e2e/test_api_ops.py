@@ -104,7 +104,7 @@ def test_key_is_enforced_and_probes_stay_open(node: MeshProcess) -> None:
     with wrong, pytest.raises(openai.AuthenticationError):
         wrong.models.list()
     with openai.OpenAI(base_url=node.base_url + "/v1", api_key=KEY, max_retries=0) as client:
-        reply = client.chat.completions.create(model=DEMO_MODEL, messages=PROMPT, max_tokens=8)  # type: ignore[arg-type]
+        reply = client.chat.completions.create(model=DEMO_MODEL, messages=PROMPT, max_tokens=8)
         assert reply.choices[0].message.content
 
 

@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ def mesh(
         a.wait_ready()
         b.wait_ready()
         for node in (a, b, c):
-            wait_until(lambda n=node: warm(n, DEMO, COPY), ROUTE_TIMEOUT_S, "both models warm")
+            wait_until(partial(warm, node, DEMO, COPY), ROUTE_TIMEOUT_S, "both models warm")
         yield a, b, c
     finally:
         topology.close()

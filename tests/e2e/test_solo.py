@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from mesh_llm.backend.build import Binaries
 from tests.e2e.harness import MeshProcess, http_status, wait_until
@@ -25,7 +26,9 @@ from tests.e2e.harness import MeshProcess, http_status, wait_until
 pytestmark = pytest.mark.e2e
 
 DEMO_MODEL = "gemma-3-270m-q4_k_m"
-PROMPT = [{"role": "user", "content": "Write one sentence about the sea."}]
+PROMPT: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Write one sentence about the sea."}
+]
 
 
 def _node(home: Path, binaries: Binaries, models_dir: Path) -> MeshProcess:
@@ -67,7 +70,7 @@ def _post(url: str, body: bytes, content_type: str = "application/json") -> tupl
 
 def test_chat_with_official_client(solo: MeshProcess) -> None:
     with OpenAI(base_url=solo.base_url + "/v1", api_key="unused") as client:
-        reply = client.chat.completions.create(model=DEMO_MODEL, messages=PROMPT, max_tokens=24)  # type: ignore[arg-type]
+        reply = client.chat.completions.create(model=DEMO_MODEL, messages=PROMPT, max_tokens=24)
         text = reply.choices[0].message.content
         assert text is not None and text.strip(), reply
         assert reply.usage is not None and reply.usage.completion_tokens > 0
@@ -77,7 +80,7 @@ def test_streaming_chat_with_official_client(solo: MeshProcess) -> None:
     with OpenAI(base_url=solo.base_url + "/v1", api_key="unused") as client:
         stream = client.chat.completions.create(
             model=DEMO_MODEL,
-            messages=PROMPT,  # type: ignore[arg-type]
+            messages=PROMPT,
             max_tokens=24,
             stream=True,
         )

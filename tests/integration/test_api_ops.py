@@ -180,7 +180,7 @@ async def test_unacceptable_request_id_is_replaced(ops: Ops) -> None:
 async def test_log_lines_of_a_request_carry_its_id(ops: Ops) -> None:
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.DEBUG)
-    handler.emit = records.append  # type: ignore[method-assign]
+    handler.emit = records.append  # type: ignore[method-assign,assignment]
     handler.addFilter(RequestIdFilter())
     logger = logging.getLogger("mesh_llm.api")
     logger.addHandler(handler)

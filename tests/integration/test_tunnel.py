@@ -209,7 +209,12 @@ async def test_server_refuses_a_client_it_does_not_allow() -> None:
     server_id, client_id = NodeIdentity.generate(), NodeIdentity.generate()
     seen: list[NodeId] = []
     asked: list[NodeId] = []
-    server = await _server(server_id, lambda node: asked.append(node) is not None, seen)
+
+    def refuse(node: NodeId) -> bool:
+        asked.append(node)
+        return False
+
+    server = await _server(server_id, refuse, seen)
     try:
         async with asyncio.timeout(TIMEOUT_S):
             with pytest.raises(ProtocolError, match="refused us") as refused:

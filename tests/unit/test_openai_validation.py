@@ -18,7 +18,7 @@ from mesh_llm.api.openai import (
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
-VALID = {
+VALID: dict[str, dict[str, object]] = {
     CHAT_PATH: {"messages": MESSAGES},
     COMPLETIONS_PATH: {"prompt": "Once upon"},
     EMBEDDINGS_PATH: {"input": "hello"},

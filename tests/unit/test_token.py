@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
