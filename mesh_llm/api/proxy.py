@@ -58,6 +58,7 @@ from mesh_llm.wire.messages import HttpRequestHead
 
 log = logging.getLogger(__name__)
 
+SSE_DONE = b"data: [DONE]"  # the last event of an OpenAI stream
 MAX_ATTEMPTS = 2  # the first choice, then one retry on another replica
 RETRYABLE_STATUSES = frozenset({429, 502, 503})  # a host refused before producing anything
 
@@ -309,10 +310,17 @@ async def _relay(
         response.headers["Cache-Control"] = "no-cache"
     observation.response_head(upstream.status, upstream.headers.get("Content-Type", ""))
     await response.prepare(request)
+    delivered = False  # the client has the whole answer: an SSE stream's last event came
     try:
         async for chunk in upstream.chunks():
             observation.body_chunk(chunk)
             await response.write(chunk)
+            delivered = is_sse and chunk.rstrip().endswith(SSE_DONE)
+    except asyncio.CancelledError:
+        if delivered:  # clients stop reading at [DONE]: a complete answer, not a cancellation
+            observation.finished(upstream.status)
+            upstream.finish()
+        raise
     except UpstreamFailed as exc:
         log.warning("request %s: %s", request_id, exc)
         if is_sse:

@@ -51,6 +51,11 @@ class Upstream(Protocol):
 
     def close(self) -> None: ...
 
+    def finish(self) -> None:
+        """The client has the whole answer (an SSE stream's `[DONE]`) but left before its
+        end: let the backend end it (a pooled lane connection survives) instead of aborting."""
+        ...
+
 
 class LocalUpstream:
     """A response from this node's llama-server (aiohttp)."""
@@ -71,6 +76,9 @@ class LocalUpstream:
         # close(), not release(): a half-read response must drop the connection so that
         # llama-server sees the disconnect and frees the slot.
         self._response.close()
+
+    def finish(self) -> None:
+        self.close()  # llama-server has sent everything; nothing is lost by closing
 
 
 async def open_local(
@@ -115,6 +123,8 @@ class RemoteResponse(Protocol):
 
     def abort(self) -> None: ...
 
+    def finish(self) -> None: ...
+
 
 class RemoteUpstream:
     """A response streaming back from another node (QUIC stream or fast-lane connection)."""
@@ -135,6 +145,11 @@ class RemoteUpstream:
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
             raise UpstreamFailed(f"the remote host failed mid-response: {exc!r}") from exc
         self._done = True
+
+    def finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self._response.finish()
 
     def close(self) -> None:
         if not self._done:

@@ -23,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from mesh_llm.core.types import NodeId, short_id
 from mesh_llm.errors import PeerUnavailable, ProtocolError
@@ -44,6 +45,7 @@ LANE_RETRY_S = 60.0  # after a failed dial, QUIC carries a host's requests for t
 POOL_IDLE_S = 20.0  # the requester drops a pooled connection unused this long
 POOL_MAX_IDLE = 16  # idle connections kept per host (each TLS connection holds ~300 KB)
 HOST_IDLE_S = 60.0  # the host closes a connection that brings no request this long
+FINISH_S = 2.0  # reading an answer to its end marker after its client left with all of it
 MAX_CHUNK_BYTES = 16 * 1024 * 1024  # one body chunk on the wire (llama-server's are tiny)
 _LENGTH_BYTES = 4
 _END = (0).to_bytes(_LENGTH_BYTES, "big")
@@ -73,11 +75,13 @@ class LaneResponse:
         head: HttpResponseHead,
         connection: _Connection,
         release: Callable[[_Connection], None],
+        adopt: Callable[[Coroutine[Any, Any, None]], None],
     ) -> None:
         self.status = head.status
         self.headers = dict(head.headers)
         self._connection = connection
         self._release = release
+        self._adopt = adopt
         self._done = False
 
     async def chunks(self, idle_timeout_s: float) -> AsyncIterator[bytes]:
@@ -101,6 +105,21 @@ class LaneResponse:
         if not self._done:
             self._connection.writer.close()
 
+    def finish(self) -> None:
+        """The client has the whole answer but left before the end marker (an SSE client
+        stops at `[DONE]`): read to the marker in the background (at most `FINISH_S`) so the
+        host sees a complete request and the connection goes back to the pool."""
+        if not self._done:
+            self._adopt(self._read_to_end())
+
+    async def _read_to_end(self) -> None:
+        try:
+            async for _chunk in self.chunks(FINISH_S):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+        self.abort()  # closes the connection unless the end marker came
+
 
 class HttpLanes:
     """The requester's pool of fast-lane connections for API requests, per host."""
@@ -113,6 +132,7 @@ class HttpLanes:
         self._connect_timeout_s = connect_timeout_s
         self._idle: dict[NodeId, list[_Connection]] = {}
         self._down_until: dict[NodeId, float] = {}
+        self._finishing: set[asyncio.Task[None]] = set()  # responses read to their end
         self.sent = {"fast": 0, "quic": 0}
 
     async def send(
@@ -142,6 +162,9 @@ class HttpLanes:
         return {"fast": self.sent["fast"], "quic": self.sent["quic"], "quic_for_now": down}
 
     async def close_all(self) -> None:
+        for task in list(self._finishing):
+            task.cancel()
+        await asyncio.gather(*self._finishing, return_exceptions=True)
         connections = [c for idle in self._idle.values() for c in idle]
         self._idle.clear()
         await asyncio.gather(*(close_and_wait(c.writer) for c in connections))
@@ -206,7 +229,12 @@ class HttpLanes:
             connection.writer.close()
             raise
         self.sent["fast"] += 1
-        return LaneResponse(answer, connection, self._release(node_id))
+        return LaneResponse(answer, connection, self._release(node_id), self._adopt)
+
+    def _adopt(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
 
 
 # -- host side ---------------------------------------------------------------------------------

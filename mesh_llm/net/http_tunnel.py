@@ -93,6 +93,10 @@ class TunnelResponse:
         """Reset the stream (the API client went away): the host cancels the request."""
         self.stream.reset(RefuseCode.SHUTTING_DOWN)
 
+    def finish(self) -> None:
+        """The client has the whole answer: a stream is not reused, so resetting is fine."""
+        self.abort()
+
 
 async def send_request(
     connection: QuicPeerConnection, head: HttpRequestHead, body: bytes

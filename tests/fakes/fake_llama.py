@@ -47,11 +47,13 @@ class FakeLlama:
         chunk_delay_s: float = 0.0,
         healthy: bool = False,
         hold_last_chunk: bool = False,
+        linger_after_done_s: float = 0.0,
     ) -> None:
         self.chunks = chunks
         self.chunk_delay_s = chunk_delay_s
         self.healthy = healthy
         self.hold_last_chunk = hold_last_chunk
+        self.linger_after_done_s = linger_after_done_s  # [DONE] sent, the response not ended
         self.requests: list[RecordedRequest] = []
         self.chunks_sent = 0
         self.streams_finished = 0
@@ -145,6 +147,8 @@ class FakeLlama:
                 await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 self.chunks_sent += 1
             await response.write(b"data: [DONE]\n\n")
+            if self.linger_after_done_s:
+                await asyncio.sleep(self.linger_after_done_s)
             await response.write_eof()
         except asyncio.CancelledError:  # the client went away (handler_cancellation)
             self.cancelled += 1

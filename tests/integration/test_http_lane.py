@@ -84,6 +84,7 @@ class Lane:
     base: str
     session: aiohttp.ClientSession
     connections: list[NodeId]  # one entry per lane connection the host accepted
+    host_metrics: ApiMetrics
 
 
 @pytest.fixture
@@ -97,12 +98,13 @@ async def lane() -> AsyncIterator[Lane]:
         host_directory = Directory(
             [ModelStatus(ModelName(MODEL), ModelState.READY, endpoint=backend)]
         )
+        host_metrics = ApiMetrics(MetricSources())
         inbound = InboundRequests(
             host_directory,
             session,
             CONFIG,
             LocalAdmission(CONFIG.queue_depth),
-            ApiMetrics(MetricSources()),
+            host_metrics,
         )
 
         async def on_connection(
@@ -129,7 +131,7 @@ async def lane() -> AsyncIterator[Lane]:
             [ModelStatus(ModelName(MODEL), ModelState.LOADING, remote=(host.node_id,))]
         )
         base = await stack.enter_async_context(serve(create_app(directory, CONFIG, mesh=access)))
-        yield Lane(host, fake, lanes, access, base, session, connections)
+        yield Lane(host, fake, lanes, access, base, session, connections, host_metrics)
 
 
 async def test_requests_cross_the_lane_on_one_reused_connection(lane: Lane) -> None:
@@ -179,6 +181,32 @@ async def test_client_disconnect_cancels_the_request_on_the_host(lane: Lane) -> 
     async with lane.session.post(lane.base + "/v1/chat/completions", json=CHAT) as resp:
         assert resp.status == 200  # a fresh connection: the aborted one was closed
     assert len(lane.connections) == 2
+
+
+async def test_a_client_that_stops_at_done_is_a_complete_request(lane: Lane) -> None:
+    """SSE clients (the openai SDK) close once `[DONE]` arrived, maybe before the host's end
+    marker: the request counts as answered on both sides and the connection is kept."""
+    lane.fake.release()
+    lane.fake.linger_after_done_s = 0.3  # the end of the response comes after [DONE]
+    resp = await lane.session.post(
+        lane.base + "/v1/chat/completions", json={**CHAT, "stream": True}
+    )
+    seen = b""
+    while b"data: [DONE]" not in seen:
+        seen += await asyncio.wait_for(resp.content.readany(), TIMEOUT_S)
+    resp.close()  # like an SSE client: it has the whole answer
+    await wait_until(lambda: lane.fake.streams_finished == 1, "the host's stream to end normally")
+    assert lane.fake.cancelled == 0
+    await wait_until(
+        lambda: lane.host_metrics.peer_requests.labels(MODEL, "200")._value.get() == 1,
+        "200 on the host",
+    )
+    metrics = await (await lane.session.get(lane.base + "/metrics")).text()
+    assert f'mesh_llm_requests_total{{model="{MODEL}",route="remote",status="200"}} 1.0' in metrics
+    lane.fake.linger_after_done_s = 0
+    async with lane.session.post(lane.base + "/v1/chat/completions", json=CHAT) as again:
+        assert again.status == 200
+    assert len(lane.connections) == 1  # the connection went back to the pool
 
 
 async def test_a_pooled_connection_the_host_closed_is_replaced(
