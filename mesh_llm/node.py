@@ -33,7 +33,7 @@ from mesh_llm.api.inbound import DROP_PATH
 from mesh_llm.api.metrics import MetricSources
 from mesh_llm.api.openai import error_body
 from mesh_llm.api.operations import http_limits
-from mesh_llm.api.upstream import UpstreamFailed, open_remote
+from mesh_llm.api.upstream import UpstreamFailed, open_remote, request_head
 from mesh_llm.backend.hardware import HardwareInfo, detect_hardware, max_vram_bytes
 from mesh_llm.backend.llama import LOOPBACK
 from mesh_llm.backend.process import kill_process_group_now, sweep_stale_children
@@ -190,13 +190,9 @@ class Node:
         for node_id in status.remote:
             try:
                 connection = await self.connection_for(node_id)
-                upstream = await open_remote(
-                    connection,
-                    DROP_PATH,
-                    json.dumps({"model": model}).encode(),
-                    uuid.uuid4().hex,
-                    self._config.api,
-                )
+                body = json.dumps({"model": model}).encode()
+                head = request_head(DROP_PATH, body, uuid.uuid4().hex)
+                upstream = await open_remote(connection, head, body, self._config.api)
                 try:
                     async for _chunk in upstream.chunks():
                         pass

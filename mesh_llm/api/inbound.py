@@ -31,6 +31,7 @@ from mesh_llm.core.types import NodeId
 from mesh_llm.net.http_lane import serve_http_lane
 from mesh_llm.net.http_tunnel import (
     TunnelProtocolError,
+    answer_unless_gone,
     read_request,
     send_response_head,
     write_body,
@@ -76,20 +77,15 @@ class InboundRequests:
             stream.reset(RefuseCode.PROTOCOL_ERROR)
             return
         request_id = head.headers.get("X-Request-Id", "")
-        relay = asyncio.current_task()
-        assert relay is not None
-        watcher = asyncio.create_task(_cancel_on_reset(stream, relay))
         try:
-            await self.answer(QuicSink(stream), head, body)
-        except asyncio.CancelledError:
-            if not watcher.done():
-                raise
-            relay.uncancel()
-            log.info("request %s from %s: requester went away; cancelled", request_id, peer[:10])
+            answering = self.answer(QuicSink(stream), head, body)
+            if not await answer_unless_gone(answering, stream.wait_failed()):
+                log.info(
+                    "request %s from %s: requester went away; cancelled", request_id, peer[:10]
+                )
         except StreamReset:
             log.info("request %s from %s: stream closed mid-answer", request_id, peer[:10])
         finally:
-            watcher.cancel()
             self.served += 1
 
     async def serve_lane(
@@ -222,11 +218,6 @@ async def _relay(stream: ResponseSink, upstream: Upstream) -> None:
         stream.abort()  # the requester ends its client's stream
         return
     stream.end()
-
-
-async def _cancel_on_reset(stream: QuicStream, relay: asyncio.Task[Any]) -> None:
-    await stream.wait_failed()
-    relay.cancel()
 
 
 def _drop_model(body: bytes) -> str:

@@ -137,7 +137,9 @@ class Proxy:
             self._mesh.count_request(model.name)
         attempt = _Attempt(self._metrics, model.name if model is not None else "", started)
         try:
-            response = await self._route(request, requested, statuses, body, request_id, attempt)
+            response = await self._route(
+                request, requested, model, statuses, body, request_id, attempt
+            )
         except asyncio.CancelledError:
             attempt.finished(CLIENT_CLOSED_STATUS)
             raise
@@ -151,12 +153,12 @@ class Proxy:
         self,
         request: web.Request,
         requested: str | None,
+        model: ModelStatus | None,
         statuses: Sequence[ModelStatus],
         body: bytes,
         request_id: str,
         attempt: _Attempt,
     ) -> web.StreamResponse:
-        model = match_model(requested, statuses)
         rotation = next(self._rotation)
         exclude: set[str] = set()
         last_error = ""
@@ -256,7 +258,7 @@ class Proxy:
         over_lane = await open_lane(self._mesh, route.node_id, head, body, self._config)
         if over_lane is not None:
             return over_lane
-        return await open_remote(connection, path, body, request_id, self._config)
+        return await open_remote(connection, head, body, self._config)
 
     def _report(self, route: Route, reason: str) -> None:
         if route.node_id is not None and self._mesh is not None:

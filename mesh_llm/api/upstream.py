@@ -174,13 +174,9 @@ async def open_lane(
 
 
 async def open_remote(
-    connection: QuicPeerConnection,
-    path: str,
-    body: bytes,
-    request_id: str,
-    config: ApiConfig,
+    connection: QuicPeerConnection, head: HttpRequestHead, body: bytes, config: ApiConfig
 ) -> RemoteUpstream:
-    head = request_head(path, body, request_id)
+    """Send the request over an `HTTP` QUIC stream and wait for the response head."""
     try:
         async with asyncio.timeout(config.first_byte_timeout_s):
             response = await send_request(connection, head, body)

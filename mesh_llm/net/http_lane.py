@@ -33,6 +33,7 @@ from mesh_llm.identity import NodeIdentity
 from mesh_llm.net.fastlane import close_and_wait, fast_lane_connect
 from mesh_llm.net.http_tunnel import (
     TunnelProtocolError,
+    answer_unless_gone,
     read_head,
     read_request_from,
 )
@@ -287,7 +288,9 @@ async def serve_http_lane(
             log.warning("bad API request on the fast lane from %s: %s", short_id(peer), exc)
             return
         sink = LaneSink(writer)
-        if not await _answer_unless_closed(reader, answer(sink, head, body)):
+        # The requester sends nothing while a response is under way: data or EOF both mean
+        # it closed the connection (its client went away).
+        if not await answer_unless_gone(answer(sink, head, body), reader.read(1)):
             request_id = head.headers.get("X-Request-Id", "")
             log.info("request %s from %s: requester went away", request_id, short_id(peer))
             return
@@ -295,21 +298,3 @@ async def serve_http_lane(
             return  # aborted mid-body: the connection is closed
         writer.write(_END)
         await writer.drain()
-
-
-async def _answer_unless_closed(reader: asyncio.StreamReader, answering: Awaitable[None]) -> bool:
-    """Run `answering`; cancel it if the requester closes the connection meanwhile (it sends
-    nothing while a response is under way, so data or EOF both mean it went away). True when
-    the answer ran to its end with the requester still there."""
-    work = asyncio.ensure_future(answering)
-    closed = asyncio.ensure_future(reader.read(1))
-    try:
-        await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (work, closed):
-            task.cancel()
-        await asyncio.gather(work, closed, return_exceptions=True)
-    if closed.done() and not closed.cancelled():
-        return False
-    work.result()  # the answer's own error, if any
-    return True

@@ -128,3 +128,22 @@ async def read_request(stream: QuicStream, max_body_bytes: int) -> tuple[HttpReq
 
 def send_response_head(stream: QuicStream, status: int, headers: dict[str, str]) -> None:
     stream.write(encode_frame(HttpResponseHead(status, headers)))
+
+
+async def answer_unless_gone(answering: Awaitable[None], gone: Awaitable[object]) -> bool:
+    """Host side, either transport: run `answering`, and cancel it if `gone` completes first
+    (the requester reset its stream or closed its connection: its client went away). True
+    when the answer ran to its end with the requester still there; the answer's own error
+    is raised."""
+    work = asyncio.ensure_future(answering)
+    left = asyncio.ensure_future(gone)
+    try:
+        await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, left):
+            task.cancel()
+        await asyncio.gather(work, left, return_exceptions=True)
+    if left.done() and not left.cancelled():
+        return False
+    work.result()
+    return True

@@ -11,7 +11,7 @@ us) is reached over QUIC instead; garbage on a lane connection closes only that 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, cast
@@ -34,19 +34,12 @@ from mesh_llm.net.quic import QuicPeerConnection
 from mesh_llm.wire.messages import HttpRequestHead, StreamType
 from tests.fakes.fake_llama import CHAT_REPLY, FakeLlama, serve
 from tests.fakes.waiting import wait_until
+from tests.integration.test_http_tunnel import Directory
 
 MODEL = "lane-model"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 CONFIG = ApiConfig(port=0, first_byte_timeout_s=10.0, idle_chunk_timeout_s=10.0)
 TIMEOUT_S = 10.0
-
-
-class Directory:
-    def __init__(self, statuses: Sequence[ModelStatus] = ()) -> None:
-        self.statuses = list(statuses)
-
-    def model_statuses(self) -> Sequence[ModelStatus]:
-        return self.statuses
 
 
 class LaneAccess:
