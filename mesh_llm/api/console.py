@@ -2,17 +2,21 @@
 
 `GET /api/status` answers a JSON snapshot of what the node sees (itself, its peers, its models);
 `mesh-llm status` reads it. `GET /` serves the static console page from `console/`. The data
-comes from a `StatusSource` (the node); this module only formats and serves it.
+comes from a `StatusSource` (the node); this module only formats and serves it. The page's files
+are package data of `mesh_llm` (read with `importlib.resources`).
 """
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
 
-CONSOLE_DIR = Path(__file__).resolve().parents[2] / "console"
+# The page ships inside the package (`mesh_llm/console` links to the top-level `console/` in a
+# checkout; a wheel carries the files themselves), so an installed node serves it too.
+CONSOLE_DIR = Path(str(importlib.resources.files("mesh_llm") / "console"))
 
 
 class StatusSource(Protocol):
