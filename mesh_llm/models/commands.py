@@ -55,7 +55,9 @@ def download_model(config: Config, name: str, console: Console) -> int:
     Raises `ModelNotFound`, `DownloadError` or `ModelError`.
     """
     with rich_progress(name, console=console) as progress:
-        model = resolve_model(name, config.models_dir, progress=progress)
+        model = resolve_model(
+            name, config.models_dir, progress=progress, cache_dir=config.cache_dir
+        )
     console.print(f"{model.name}: {model.path} ({_format_size(model.size_bytes, exact=True)})")
     return EXIT_OK
 

