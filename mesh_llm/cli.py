@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return drop_model(config, args.name, console)
         parser.error(f"unknown command {args.command}")
     except MeshError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_FORCED
@@ -234,8 +234,23 @@ def run_node(config: Config, console: Console) -> int:
         loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
         await node.run(shutdown)
 
-    asyncio.run(amain())
+    try:
+        asyncio.run(amain())
+    except BaseExceptionGroup as group:  # a fatal MeshError from one of the node's tasks
+        fatal = _first_mesh_error(group)
+        if fatal is None:
+            raise
+        raise fatal from None
     return EXIT_OK
+
+
+def _first_mesh_error(group: BaseExceptionGroup[BaseException]) -> MeshError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, MeshError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (found := _first_mesh_error(exc)):
+            return found
+    return None
 
 
 def _dump_tasks() -> None:

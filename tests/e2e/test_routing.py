@@ -1,8 +1,8 @@
-"""End-to-end API routing across the mesh: real nodes, real llama-server, the real demo model.
+"""End-to-end API routing across the mesh: real nodes, real llama-server, the two real models.
 
-Topology (module scope): host A serves the demo model and wants `gemma-copy` and a model nobody
-has; host B serves `gemma-copy` (the demo file under another name); C is a passive `--client`
-with a 3 s first-byte timeout. Requests for both models from every node and from the client,
+Topology (module scope): host A serves `smollm2-135m` and wants `gemma-3-270m` and a model
+nobody has; host B serves `gemma-3-270m`; C is a passive `--client` with a 3 s first-byte
+timeout. Requests for both models from every node and from the client,
 streaming and not, with the official `openai` client; one keep-alive connection switching
 models; every error code with a real request; a client disconnect freeing the remote slot;
 `mesh-llm drop` from the client. A separate topology kills a replica's host mid-request.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -28,13 +27,13 @@ from openai import OpenAI
 
 from mesh_llm.backend.build import Binaries
 from tests.e2e.harness import MeshProcess, wait_until
+from tests.e2e.models import GEMMA, SMOLLM2
 
 pytestmark = pytest.mark.e2e
 
-DEMO = "gemma-3-270m"
-COPY = "gemma-copy"
+DEMO = SMOLLM2.catalog  # served by host A
+COPY = GEMMA.catalog  # served by host B: a different real model
 ABSENT = "absent-model"
-DEMO_FILE = "gemma-3-270m-q4_k_m.gguf"
 CLIENT_FIRST_BYTE_S = 3
 ROUTE_TIMEOUT_S = 30.0
 
@@ -51,13 +50,6 @@ class Topology:
         node = MeshProcess(self.root / name, [*args, *common, "--log-format", "json"])
         self.nodes.append(node.start())
         return node
-
-    def own_copy(self, name: str) -> Path:
-        """A models dir holding the demo file under the name `gemma-copy`."""
-        models = self.root / f"{name}-models"
-        models.mkdir(parents=True)
-        os.link(self.models_dir / DEMO_FILE, models / f"{COPY}.gguf")
-        return models
 
     def close(self) -> None:
         for node in self.nodes:
@@ -93,7 +85,7 @@ def mesh(
     try:
         a = topology.start("a", "--model", DEMO, "--model", COPY, "--model", ABSENT)
         token = token_of(a)
-        b = topology.start("b", "--model", COPY, "--join", token, models_dir=topology.own_copy("b"))
+        b = topology.start("b", "--model", COPY, "--join", token)
         c_home = topology.root / "c"
         c_home.mkdir()
         (c_home / "config.toml").write_text(
@@ -212,7 +204,8 @@ def test_errors_from_real_requests_are_openai_shaped(
         (json.dumps({"model": COPY}).encode(), 400, "'messages' is required"),
         (json.dumps({"model": COPY, "messages": "hi"}).encode(), 400, "wrong type"),
         (b'{"model": "x", "pad": "' + b"a" * (17 * 2**20) + b'"}', 400, "too large"),
-        (_chat_body("no-such-model"), 404, f"available: {DEMO}"),
+        (_chat_body("no-such-model"), 404, SMOLLM2.name),
+        (_chat_body("no-such-model"), 404, GEMMA.name),
         (_chat_body(ABSENT), 503, "no node serves it yet"),
     ]
     for body, status, text in cases:
@@ -222,7 +215,7 @@ def test_errors_from_real_requests_are_openai_shaped(
         assert set(error) >= {"message", "type", "code"} and text in error["message"], error
         if status == 503:
             assert int(headers["Retry-After"]) > 0
-    # 502: the only host of gemma-copy stops answering; the client's first-byte timeout fires.
+    # 502: the only host of gemma-3-270m stops answering; the client's first-byte timeout fires.
     assert b.proc is not None
     b.signal(signal.SIGSTOP)
     try:
@@ -233,7 +226,7 @@ def test_errors_from_real_requests_are_openai_shaped(
         assert time.monotonic() - started < CLIENT_FIRST_BYTE_S + 10
     finally:
         b.signal(signal.SIGCONT)
-    wait_until(lambda: _post(client, _chat_body(COPY))[0] == 200, 30, "gemma-copy again")
+    wait_until(lambda: _post(client, _chat_body(COPY))[0] == 200, 30, "gemma-3-270m again")
 
 
 def _slots_busy(node: MeshProcess) -> int:
@@ -273,7 +266,7 @@ def test_drop_from_the_client_makes_the_host_leave(
         text=True,
         timeout=60,
     )
-    assert unknown.returncode == 1 and DEMO in unknown.stderr, unknown
+    assert unknown.returncode == 1 and SMOLLM2.name in unknown.stderr, unknown
     done = subprocess.run(
         [sys.executable, "-m", "mesh_llm", "drop", COPY, "--port", str(client.port)],
         capture_output=True,
@@ -282,7 +275,7 @@ def test_drop_from_the_client_makes_the_host_leave(
     )
     assert done.returncode == 0, done
     assert b.wait_exit(30) == 0, b.log_text()
-    wait_until(lambda: not warm(a, COPY) and not warm(client, COPY), 30, "gemma-copy cold")
+    wait_until(lambda: not warm(a, COPY) and not warm(client, COPY), 30, "gemma-3-270m cold")
     assert models_of(a)[COPY]["meta"]["state"] == "cold"
     assert _post(client, _chat_body(DEMO))[0] == 200  # the rest of the mesh is unaffected
     assert _post(client, _chat_body(COPY))[0] == 503
@@ -309,7 +302,7 @@ def test_killing_a_replica_host_mid_request_retries_on_the_other(
         survivor = second if victim is first else first
         request = urllib.request.Request(
             front.base_url + "/v1/chat/completions",
-            data=_chat_body(DEMO, max_tokens=400, ignore_eos=True),
+            data=_chat_body(DEMO, max_tokens=1000, ignore_eos=True),
             headers={"Content-Type": "application/json"},
         )
         with _Background(request) as pending:

@@ -22,10 +22,11 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from mesh_llm.backend.build import Binaries
 from tests.e2e.harness import MeshProcess, http_status, wait_until
+from tests.e2e.models import SMOLLM2
 
 pytestmark = pytest.mark.e2e
 
-DEMO_MODEL = "gemma-3-270m-q4_k_m"
+DEMO_MODEL = SMOLLM2.name
 PROMPT: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Write one sentence about the sea."}
 ]
@@ -34,7 +35,7 @@ PROMPT: list[ChatCompletionMessageParam] = [
 def _node(home: Path, binaries: Binaries, models_dir: Path) -> MeshProcess:
     args = [
         "--model",
-        "gemma-3-270m",
+        SMOLLM2.catalog,
         "--models-dir",
         str(models_dir),
         "--bin-dir",
@@ -74,6 +75,21 @@ def test_chat_with_official_client(solo: MeshProcess) -> None:
         text = reply.choices[0].message.content
         assert text is not None and text.strip(), reply
         assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+def test_the_demo_model_answers_and_stops(solo: MeshProcess) -> None:
+    """The default demo model is an instruct model: a short, right answer that ends by itself."""
+    question: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "What is the capital of France?"}
+    ]
+    with OpenAI(base_url=solo.base_url + "/v1", api_key="unused", max_retries=0) as client:
+        reply = client.chat.completions.create(
+            model=SMOLLM2.catalog, messages=question, max_tokens=200, temperature=0
+        )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", reply
+    assert "Paris" in (choice.message.content or ""), reply
+    assert reply.usage is not None and reply.usage.completion_tokens < 60, reply.usage
 
 
 def test_streaming_chat_with_official_client(solo: MeshProcess) -> None:
@@ -118,7 +134,7 @@ def test_models_and_errors(solo: MeshProcess) -> None:
     assert status == 404 and DEMO_MODEL in body["error"]["message"]
 
     # The catalog name is an alias of the served file's model name.
-    alias = json.dumps({"model": "gemma-3-270m", "messages": PROMPT, "max_tokens": 4}).encode()
+    alias = json.dumps({"model": SMOLLM2.catalog, "messages": PROMPT, "max_tokens": 4}).encode()
     status, body = _post(solo.base_url + "/v1/chat/completions", alias)
     assert status == 200 and body["choices"][0]["message"]["content"] is not None
     assert http_status(solo.base_url + "/healthz") == 200
