@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     models = sub.add_parser("models", help="list the catalog and the models on disk")
+    models.add_argument(
+        "--long", action="store_true", help="also show drafts, repos and descriptions"
+    )
     _add_common(models)
     download = sub.add_parser("download", help="download a model (with a progress bar)")
     download.add_argument("name", help="catalog name, org/repo/file.gguf or URL")
@@ -186,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "models":
                 from mesh_llm.models.commands import show_models
 
-                return show_models(config, console)
+                return show_models(config, console, long=args.long)
             case "download":
                 from mesh_llm.models.commands import download_model
 
