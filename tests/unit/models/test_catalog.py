@@ -26,6 +26,21 @@ def test_catalog_has_the_promised_families() -> None:
     assert {"Llama-3.2-1B-Instruct-Q4_K_M", "Meta-Llama-3.1-8B-Instruct-Q4_K_M"} <= names
     assert {f"gemma-3-{s}-it-Q4_K_M" for s in ("1b", "4b", "12b", "27b")} <= names
     assert any(n.startswith("GLM-4") for n in names)
+    for size in ("0.6B", "1.7B", "4B", "8B", "14B", "32B", "30B-A3B"):  # Qwen3 dense and MoE
+        assert f"Qwen3-{size}-Q4_K_M" in names
+    assert "Llama-3.3-70B-Instruct-Q4_K_M" in names
+    assert {n for n in names if n.startswith("Mistral-")} >= {
+        "Mistral-7B-Instruct-v0.3-Q4_K_M",
+        "Mistral-Nemo-Instruct-2407-Q4_K_M",
+        "Mistral-Small-3.2-24B-Instruct-Q4_K_M",
+    }
+
+
+def test_drafts_share_the_family_of_their_model() -> None:
+    for entry in load_catalog():
+        if entry.draft is not None:
+            family = entry.name.split("-")[0].lower().replace("meta", "llama")
+            assert entry.draft.lower().startswith(family.split(".")[0]), entry
 
 
 def test_demo_entry() -> None:
@@ -72,7 +87,7 @@ def test_big_qwen_models_name_the_small_one_as_draft(size: str) -> None:
         ("qwen2.5-3b", "Qwen2.5-3B-Instruct-Q4_K_M"),  # unique prefix
         ("  meta-llama-3.1 ", "Meta-Llama-3.1-8B-Instruct-Q4_K_M"),  # prefix, trimmed
         ("27b", "gemma-3-27b-it-Q4_K_M"),  # unique substring
-        ("glm", "GLM-4-9B-0414-Q4_K_M"),
+        ("glm-4-9b", "GLM-4-9B-0414-Q4_K_M"),
     ],
 )
 def test_find_entry_matches(query: str, expected: str) -> None:
