@@ -8,9 +8,9 @@ venv := ".venv/bin"
 setup:
     bash bundle/bootstrap.sh --version >/dev/null
 
-# Run a solo node on the embedded demo model (builds llama.cpp on first start).
+# Run a solo node on the demo model smollm2-135m (first start: builds llama.cpp, fetches the model).
 serve *ARGS:
-    {{venv}}/mesh-llm --model gemma-3-270m {{ARGS}}
+    {{venv}}/mesh-llm --model smollm2-135m {{ARGS}}
 
 # The whole test suite: unit, integration and end-to-end with real llama.cpp.
 test *ARGS:
