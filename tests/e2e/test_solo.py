@@ -79,8 +79,9 @@ def test_chat_with_official_client(solo: MeshProcess) -> None:
 
 def test_the_demo_model_answers_and_stops(solo: MeshProcess) -> None:
     """The default demo model is an instruct model: a short, right answer that ends by itself."""
-    question: list[ChatCompletionMessageParam] = [
-        {"role": "user", "content": "What is the capital of France?"}
+    question: list[ChatCompletionMessageParam] = [  # README's first request
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
     ]
     with OpenAI(base_url=solo.base_url + "/v1", api_key="unused", max_retries=0) as client:
         reply = client.chat.completions.create(
@@ -89,7 +90,7 @@ def test_the_demo_model_answers_and_stops(solo: MeshProcess) -> None:
     choice = reply.choices[0]
     assert choice.finish_reason == "stop", reply
     assert "Paris" in (choice.message.content or ""), reply
-    assert reply.usage is not None and reply.usage.completion_tokens < 60, reply.usage
+    assert reply.usage is not None and reply.usage.completion_tokens < 30, reply.usage
 
 
 def test_streaming_chat_with_official_client(solo: MeshProcess) -> None:
