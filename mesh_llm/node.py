@@ -126,8 +126,8 @@ class Node:
                     loading.setdefault(model, record.node_id)
             for model in record.requested_models:
                 loading.setdefault(model, "")
-        for model in self._wanted:
-            loading.setdefault(model, "")
+        for spec in self._wanted:  # by model name, as gossiped: a catalog name is an alias
+            loading.setdefault(model_name_of(spec), "")
         statuses = [
             dataclasses.replace(server.status, remote=tuple(hosts.pop(server.status.name, ())))
             for server in self._servers

@@ -302,7 +302,7 @@ def test_killing_a_replica_host_mid_request_retries_on_the_other(
         survivor = second if victim is first else first
         request = urllib.request.Request(
             front.base_url + "/v1/chat/completions",
-            data=_chat_body(DEMO, max_tokens=1000, ignore_eos=True),
+            data=_chat_body(DEMO, max_tokens=400, ignore_eos=True),
             headers={"Content-Type": "application/json"},
         )
         with _Background(request) as pending:
