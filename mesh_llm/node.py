@@ -126,8 +126,12 @@ class Node:
                     loading.setdefault(model, record.node_id)
             for model in record.requested_models:
                 loading.setdefault(model, "")
+        wanted_aliases: dict[str, tuple[str, ...]] = {}
         for spec in self._wanted:  # by model name, as gossiped: a catalog name is an alias
-            loading.setdefault(model_name_of(spec), "")
+            name = model_name_of(spec)
+            loading.setdefault(name, "")
+            if name != spec:
+                wanted_aliases[name] = (spec,)
         statuses = [
             dataclasses.replace(server.status, remote=tuple(hosts.pop(server.status.name, ())))
             for server in self._servers
@@ -153,7 +157,15 @@ class Node:
                 if node
                 else "wanted by the mesh; no node serves it yet"
             )
-            statuses.append(ModelStatus(ModelName(model), ModelState.LOADING, reason, host=node))
+            statuses.append(
+                ModelStatus(
+                    ModelName(model),
+                    ModelState.LOADING,
+                    reason,
+                    host=node,
+                    aliases=wanted_aliases.get(model, ()),
+                )
+            )
         return statuses
 
     # -- MeshAccess (API proxy) ---------------------------------------------------------

@@ -1,7 +1,7 @@
 """End-to-end API routing across the mesh: real nodes, real llama-server, the two real models.
 
 Topology (module scope): host A serves `smollm2-135m` and wants `gemma-3-270m` and a model
-nobody has; host B serves `gemma-3-270m`; C is a passive `--client` with a 3 s first-byte
+nobody has; host B serves `gemma-3-270m`; C is a passive `--client` with a 30 s first-byte
 timeout. Requests for both models from every node and from the client,
 streaming and not, with the official `openai` client; one keep-alive connection switching
 models; every error code with a real request; a client disconnect freeing the remote slot;
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.e2e
 DEMO = SMOLLM2.catalog  # served by host A
 COPY = GEMMA.catalog  # served by host B: a different real model
 ABSENT = "absent-model"
-CLIENT_FIRST_BYTE_S = 3
+CLIENT_FIRST_BYTE_S = 30  # generous: prompt processing on a loaded 2-core machine takes seconds
 ROUTE_TIMEOUT_S = 30.0
 
 
@@ -268,7 +268,7 @@ def test_drop_from_the_client_makes_the_host_leave(
     )
     assert unknown.returncode == 1 and SMOLLM2.name in unknown.stderr, unknown
     done = subprocess.run(
-        [sys.executable, "-m", "mesh_llm", "drop", COPY, "--port", str(client.port)],
+        [sys.executable, "-m", "mesh_llm", "drop", GEMMA.name, "--port", str(client.port)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -278,7 +278,7 @@ def test_drop_from_the_client_makes_the_host_leave(
     wait_until(lambda: not warm(a, COPY) and not warm(client, COPY), 30, "gemma-3-270m cold")
     assert models_of(a)[COPY]["meta"]["state"] == "cold"
     assert _post(client, _chat_body(DEMO))[0] == 200  # the rest of the mesh is unaffected
-    assert _post(client, _chat_body(COPY))[0] == 503
+    assert _post(client, _chat_body(GEMMA.name))[0] == 503  # cold: known by its model name
 
 
 def test_killing_a_replica_host_mid_request_retries_on_the_other(
@@ -302,13 +302,13 @@ def test_killing_a_replica_host_mid_request_retries_on_the_other(
         survivor = second if victim is first else first
         request = urllib.request.Request(
             front.base_url + "/v1/chat/completions",
-            data=_chat_body(DEMO, max_tokens=400, ignore_eos=True),
+            data=_chat_body(DEMO, max_tokens=200, ignore_eos=True),
             headers={"Content-Type": "application/json"},
         )
         with _Background(request) as pending:
             wait_until(lambda: _slots_busy(victim) == 1, 20, "the victim generating")
             victim.signal(signal.SIGKILL)
-            status, answer = pending.result(timeout_s=120)
+            status, answer = pending.result(timeout_s=240)
         assert status == 200, answer
         assert answer["choices"][0]["message"]["content"]
         assert "retrying on another replica" in front.log_text()
