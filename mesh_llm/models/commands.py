@@ -89,7 +89,8 @@ def download_model(config: Config, name: str, console: Console) -> int:
         model = resolve_model(
             name, config.models_dir, progress=progress, cache_dir=config.cache_dir
         )
-    console.print(f"{model.name}: {model.path} ({_format_size(model.size_bytes, exact=True)})")
+    size = _format_size(model.size_bytes, exact=True)
+    console.print(f"{model.name}: {model.path} ({size})", soft_wrap=True)
     return EXIT_OK
 
 
