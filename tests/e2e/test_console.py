@@ -19,7 +19,7 @@ import shutil
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -53,6 +53,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu"]
 WARM_TIMEOUT_S = 60.0
 PAGE_TIMEOUT_MS = 30_000
 ANSWER_TIMEOUT_MS = 120_000
+SHORT_ANSWER_TOKENS = 32
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "console.png"
 # A dead node leaves the gossip after `dead_after_s`; the page follows within a status event.
 GONE_TIMEOUT_S = MeshTimings().dead_after_s + MeshTimings().suspect_after_s + 15
@@ -246,7 +247,8 @@ def test_chat_streams_a_real_answer_with_ttft_and_rate_over_two_turns(
     console: tuple[Page, PageErrors], mesh: Mesh, tmp_path: Path
 ) -> None:
     page, _ = console
-    page.locator("#model-picker").select_option(MODEL_B)  # served by B: across the mesh
+    page.route("**/api/chat", _with({"max_tokens": SHORT_ANSWER_TOKENS}))
+    page.locator("#model-picker").select_option(_local_model(mesh.a))
     page.fill("#prompt", "Name three colours.")
     page.click("#send")
     first = page.locator(".msg-assistant").nth(0)
@@ -284,18 +286,22 @@ def _screenshots(page: Page, mesh: Mesh, tmp_path: Path) -> None:
         shutil.copyfile(light, DOCS_SCREENSHOT)
 
 
-def _longer_answers(route: Route) -> None:
-    """Ask for a long generation (the page sends no limit; the model would stop early)."""
-    body = json.loads(route.request.post_data or "{}")
-    body |= {"max_tokens": 2000, "ignore_eos": True}
-    route.continue_(post_data=json.dumps(body))
+def _with(fields: dict[str, object]) -> Callable[[Route], None]:
+    """Add `fields` to the page's chat requests (the page sets no token limit: a short answer
+    keeps the test quick on 2 shared cores; a long one gives the stop button time)."""
+
+    def rewrite(route: Route) -> None:
+        body = json.loads(route.request.post_data or "{}")
+        route.continue_(post_data=json.dumps(body | fields))
+
+    return rewrite
 
 
 def test_stop_cancels_generation_and_frees_the_host_slot(
     console: tuple[Page, PageErrors], mesh: Mesh
 ) -> None:
     page, _ = console
-    page.route("**/api/chat", _longer_answers)
+    page.route("**/api/chat", _with({"max_tokens": 2000, "ignore_eos": True}))
     page.locator("#model-picker").select_option(MODEL_B)
     page.fill("#prompt", "Write a long story.")
     page.click("#send")
@@ -307,6 +313,21 @@ def test_stop_cancels_generation_and_frees_the_host_slot(
     wait_until(lambda: _slots_busy(mesh.b) == 0, 15, "B's slot to free after stop")
     print(f"slot freed {time.monotonic() - started:.2f} s after stop")
     expect(answer.locator(".stats")).to_contain_text("stopped")
+    expect(page.locator("#send")).to_be_enabled()
+
+
+def test_errors_are_shown_as_readable_messages(
+    console: tuple[Page, PageErrors], mesh: Mesh
+) -> None:
+    page, errors = console
+    errors.allowed.append("status of 404")  # the browser logs every failed fetch
+    page.route("**/api/chat", _with({"model": "no-such-model"}))
+    page.fill("#prompt", "hello")
+    page.click("#send")
+    error = page.locator(".msg-error")
+    expect(error).to_contain_text("No node serves this model")
+    expect(error).to_contain_text(MODEL_B)  # the API's message lists the served models
+    assert "{" not in error.inner_text()  # not raw JSON
     expect(page.locator("#send")).to_be_enabled()
 
 
