@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.sync_api import (
@@ -166,8 +167,8 @@ class PageErrors:
         return [e for e in self.seen if not any(a in e for a in self.allowed)]
 
 
-def _open(browser: Browser, url: str, **options: object) -> tuple[BrowserContext, Page, PageErrors]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, **options)  # type: ignore[arg-type]
+def _open(browser: Browser, url: str, **options: Any) -> tuple[BrowserContext, Page, PageErrors]:
+    context = browser.new_context(**({"viewport": {"width": 1280, "height": 900}} | options))
     context.set_default_timeout(PAGE_TIMEOUT_MS)
     page = context.new_page()
     errors = PageErrors(page)
@@ -202,6 +203,7 @@ def test_topology_shows_every_node_with_its_role(
     expect(page.locator("#clients")).to_contain_text("1 client(s)")
     expect(page.locator("#status-line")).to_contain_text("ready")
     expect(page.locator("#links li").first).to_contain_text("ms")
+    expect(page.locator('#events li[data-event="peer_joined"]').first).to_be_visible()
     # VRAM as advertised: A's share is its gossip number over the sum of the three cards'.
     view = json.loads(urllib.request.urlopen(mesh.page_url + "api/status", timeout=5).read())
     cards = view["view"]["nodes"]
@@ -277,6 +279,15 @@ def _screenshots(page: Page, mesh: Mesh, tmp_path: Path) -> None:
     try:
         expect(dark_page.locator("#nodes .card")).to_have_count(3)
         dark_page.screenshot(path=str(tmp_path / "console-dark.png"), full_page=True)
+        assert errors.unexpected() == []
+    finally:
+        context.close()
+    context, phone, errors = _open(browser, mesh.page_url, viewport={"width": 390, "height": 844})
+    try:
+        expect(phone.locator("#nodes .card")).to_have_count(3)
+        phone.screenshot(path=str(tmp_path / "console-phone.png"), full_page=True)
+        overflow = phone.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"the page is {overflow} px wider than a phone screen"
         assert errors.unexpected() == []
     finally:
         context.close()
@@ -368,3 +379,29 @@ def test_a_killed_node_leaves_the_page_within_failure_detection(
     expect(card).to_have_count(0, timeout=GONE_TIMEOUT_S * 1000)
     print(f"killed node left the page after {time.monotonic() - started:.1f} s")
     expect(page.locator("#nodes .card")).to_have_count(2)
+
+
+def test_the_page_says_when_its_node_is_gone_and_comes_back_with_it(
+    browser: Browser, mesh: Mesh, tmp_path: Path
+) -> None:
+    node = MeshProcess(tmp_path / "returning", ["--join", mesh.token]).start()
+    context = None
+    try:
+        wait_until(lambda: bool(node.status()), 60, "the node's console")
+        context, page, errors = _open(browser, f"http://127.0.0.1:{node.console_port}/")
+        # The browser logs the cut event stream and the refused retries while the node is gone.
+        errors.allowed += ["ERR_CONNECTION_REFUSED", "ERR_INCOMPLETE_CHUNKED_ENCODING"]
+        banner = page.locator("#banner")
+        expect(page.locator("#nodes .card").first).to_be_visible()
+        expect(banner).to_be_hidden()
+        node.stop()
+        expect(banner).to_be_visible()
+        expect(banner).to_contain_text("node unreachable")
+        node.start()  # same home, same console port
+        expect(banner).to_be_hidden(timeout=60_000)
+        expect(page.locator("#nodes .card .you")).to_have_count(1)
+        assert errors.unexpected() == []
+    finally:
+        if context is not None:
+            context.close()
+        node.stop()
