@@ -126,7 +126,11 @@ class EventLogHandler(logging.Handler):
         self._loop = loop
 
     def emit(self, record: logging.LogRecord) -> None:
-        event = event_of(record)
+        try:
+            event = event_of(record)
+        except Exception:  # a bad format string must not break the code that logged it
+            self.handleError(record)
+            return
         if event is None:
             return
         try:
