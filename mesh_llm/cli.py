@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="passive client: API only, no model, no GPU, ephemeral key (needs --join)",
     )
     node.add_argument(
+        "--headless",
+        action="store_true",
+        default=None,
+        help="no console page on the console port (/api/* and mesh-llm status still work)",
+    )
+    node.add_argument(
         "--split",
         action="store_true",
         default=None,
@@ -161,6 +167,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
         "console_port": getattr(args, "console", None),
         "join": tuple(args.join) if getattr(args, "join", None) else None,
         "client": getattr(args, "client", None),
+        "headless": getattr(args, "headless", None),
         "net.bind_port": getattr(args, "bind_port", None),
         "net.fast_lane_port": getattr(args, "fast_lane_port", None),
         "backend.max_vram_gb": getattr(args, "max_vram", None),

@@ -110,6 +110,7 @@ class Config:
     client: bool = False
     ephemeral_key: bool = False
     console_port: int = 3131
+    headless: bool = False  # --headless: no console page (`/` is 404); /api/* stays
     log_format: LogFormat = "pretty"
     verbose: int = 0
     shutdown_grace_s: float = 10.0

@@ -26,13 +26,15 @@ import psutil
 from aiohttp import web
 
 from mesh_llm import __version__
-from mesh_llm.api.app import INBOUND_KEY, create_app
+from mesh_llm.api.app import INBOUND_KEY, PROXY_KEY, create_app
 from mesh_llm.api.auth import warn_if_exposed
 from mesh_llm.api.console import create_console_app
+from mesh_llm.api.console_view import record_fields
 from mesh_llm.api.inbound import DROP_PATH
 from mesh_llm.api.metrics import MetricSources
 from mesh_llm.api.openai import error_body
 from mesh_llm.api.operations import http_limits
+from mesh_llm.api.proxy import Proxy
 from mesh_llm.api.upstream import UpstreamFailed, open_remote, request_head
 from mesh_llm.backend.hardware import HardwareInfo, detect_hardware, max_vram_bytes
 from mesh_llm.backend.llama import LOOPBACK
@@ -103,6 +105,7 @@ class Node:
         self._http_lane_handler: LaneHandler | None = None  # other nodes' API requests to us
         self.api_url = f"http://{config.api.host}:{config.api.port}/v1"
         self._shutdown: asyncio.Event | None = None
+        self._proxy: Proxy | None = None  # the API's router, shared by the console's chat
         self._demand = DemandMeter()
 
     # -- ModelDirectory (API) and StatusSource (console) ---------------------------------
@@ -273,7 +276,18 @@ class Node:
             "fast_lane_port": self._fast_lane.port if self._fast_lane is not None else None,
             "rpc_tunnels": self._tunnels.snapshot() if self._tunnels is not None else [],
             "api_lanes": self._lanes.snapshot() if self._lanes is not None else None,
+            # For the console's view: every gossip record as advertised, the context size,
+            # and the split this node hosts (if any).
+            "records": [record_fields(r) for r in self._known_records()],
+            "ctx_size": config.backend.ctx_size,
+            "split": self._split_status(),
         }
+
+    def _split_status(self) -> dict[str, Any] | None:
+        plan = self._placement.plan if self._placement is not None else None
+        if plan is None or not plan.workers:
+            return None
+        return {"model": plan.model, "host": plan.host, "tensor_split": list(plan.tensor_split)}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -476,9 +490,17 @@ class Node:
         return tuple(dict.fromkeys([*names, *(model_name_of(spec) for spec in self._wanted)]))
 
     async def _start_console(self) -> web.AppRunner:
-        runner = web.AppRunner(create_console_app(self), access_log=None)
+        console = create_console_app(
+            self, proxy=lambda: self._proxy, headless=self._config.headless
+        )
+        # handler_cancellation: the page's stop button aborts its chat request, which cancels
+        # the proxied request (the host's slot frees), as for an API client that goes away.
+        runner = web.AppRunner(console, access_log=None, handler_cancellation=True)
         await runner.setup()
         await _start_site(runner, LOOPBACK, self._config.console_port, "--console")
+        port = self._config.console_port
+        if not self._config.headless:
+            self._announce(f"Console: http://{LOOPBACK}:{port}/")
         return runner
 
     async def _start_api(self) -> web.AppRunner:
@@ -491,6 +513,7 @@ class Node:
             **http_limits(api),
         )
         await runner.setup()
+        self._proxy = runner.app[PROXY_KEY]
         inbound = runner.app[INBOUND_KEY]
         inbound.drop = self.drop_local  # a drop forwarded by another node: never forward again
         self._http_lane_handler = inbound.serve_lane

@@ -83,6 +83,11 @@ class Placement:
         self._group: asyncio.TaskGroup | None = None
         self.rpc_port: int | None = None
 
+    @property
+    def plan(self) -> GroupPlan | None:
+        """The group plan this node acts on (for status: host, workers, tensor split)."""
+        return self._plan
+
     def notify(self) -> None:
         """Something changed in the mesh: re-plan soon."""
         self._changed.set()
