@@ -55,15 +55,6 @@ class BackendMode:
     pooling: str | None = None  # --pooling value
     reranking: bool = False  # pass --reranking (implies embeddings and rank pooling)
 
-    def flags(self) -> list[str]:
-        """The llama-server flags of this mode."""
-        if self.reranking:
-            return ["--reranking"]
-        flags = ["--embeddings"] if self.embeddings else []
-        if self.embeddings and self.pooling is not None:
-            flags += ["--pooling", self.pooling]
-        return flags
-
 
 def backend_mode(facts: ModelFacts, *, embeddings_requested: bool = False) -> BackendMode:
     """How to serve a model with these facts; `embeddings_requested`: `--embeddings MODEL`."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 
 from mesh_llm.core.affinity import AffinityTable, prefix_keys
@@ -12,7 +14,7 @@ CHUNK = 64
 SYSTEM = {"role": "system", "content": "You are a careful assistant. " * 20}
 
 
-def _keys(body: dict[str, object]) -> tuple[bytes, ...]:
+def _keys(body: Mapping[str, object]) -> tuple[bytes, ...]:
     return prefix_keys(body, chunk_chars=CHUNK, max_chars=100_000)
 
 

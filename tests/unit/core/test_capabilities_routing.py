@@ -32,7 +32,7 @@ def _model(name: str, *capabilities: Capability, local: bool = True) -> ModelSta
 def test_a_plain_llm_chats_and_completes_without_embedding_flags() -> None:
     mode = backend_mode(ModelFacts())
     assert mode == BackendMode(GENERATIVE)
-    assert mode.flags() == []
+    assert not mode.embeddings and not mode.reranking
 
 
 def test_fim_tokens_add_infill() -> None:
@@ -42,7 +42,7 @@ def test_fim_tokens_add_infill() -> None:
 def test_embeddings_requested_for_an_llm_use_mean_pooling() -> None:
     mode = backend_mode(ModelFacts(), embeddings_requested=True)
     assert mode.capabilities == (*GENERATIVE, Capability.EMBEDDINGS)
-    assert mode.flags() == ["--embeddings", "--pooling", "mean"]
+    assert (mode.embeddings, mode.pooling) == (True, "mean")
 
 
 @pytest.mark.parametrize(
@@ -51,13 +51,13 @@ def test_embeddings_requested_for_an_llm_use_mean_pooling() -> None:
 def test_an_embedding_gguf_embeds_only_with_its_own_pooling(pooling: Pooling, flag: str) -> None:
     mode = backend_mode(ModelFacts(pooling=pooling))
     assert mode.capabilities == (Capability.EMBEDDINGS,)
-    assert mode.flags() == ["--embeddings", "--pooling", flag]
+    assert (mode.embeddings, mode.pooling) == (True, flag)
 
 
 def test_rank_pooling_is_a_reranker() -> None:
     mode = backend_mode(ModelFacts(pooling=Pooling.RANK), embeddings_requested=True)
     assert mode.capabilities == (Capability.RERANK,)
-    assert mode.flags() == ["--reranking"]
+    assert mode.reranking
 
 
 def test_pooling_none_is_a_plain_llm() -> None:
