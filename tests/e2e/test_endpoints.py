@@ -214,15 +214,17 @@ def test_tokenize_reaches_the_host_of_its_model(
 ) -> None:
     a, b, c = mesh
     auth = {"Authorization": f"Bearer {API_KEY}"}
-    before_a, before_b = _peer_requests(a, EMBEDDING_HOST_MODEL), _peer_requests(b, CHAT_ONLY_MODEL)
+    listed = _models(c)  # metrics carry the model's name (its file stem), not the alias
+    name_a, name_b = (listed[m]["id"] for m in (EMBEDDING_HOST_MODEL, CHAT_ONLY_MODEL))
+    before_a, before_b = _peer_requests(a, name_a), _peer_requests(b, name_b)
     for model in (EMBEDDING_HOST_MODEL, CHAT_ONLY_MODEL):
         status, body = _post(c, "/tokenize", {"model": model, "content": "hello mesh"}, auth)
         assert status == 200, body
         assert body["tokens"] and all(isinstance(t, int) for t in body["tokens"])
         status, back = _post(c, "/detokenize", {"model": model, "tokens": body["tokens"]}, auth)
         assert status == 200 and "hello mesh" in back["content"], back
-    assert _peer_requests(a, EMBEDDING_HOST_MODEL) == before_a + 2
-    assert _peer_requests(b, CHAT_ONLY_MODEL) == before_b + 2
+    assert _peer_requests(a, name_a) == before_a + 2
+    assert _peer_requests(b, name_b) == before_b + 2
     status, body = _post(c, "/tokenize", {"model": "no-such-model", "content": "x"}, auth)
     assert status == 404 and "no-such-model" in body["error"]["message"]
 
