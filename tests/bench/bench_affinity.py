@@ -7,7 +7,7 @@ own fresh system prompt so both start cold): 3 "conversations" sharing a ~1,500-
 prompt, 8 turns each, interleaved (24 sequential streaming requests; each turn carries the
 conversation so far). Reported: median time to first token (TTFT), total prompt-processing time
 and prompt tokens processed as llama-server reports them (`timings`), requests per replica.
-Leg 2: 12 requests that all have different ~1,500-token prefixes, 2 at a time: wall time with
+Leg 2: 6 requests that all have different ~1,500-token prefixes, 2 at a time: wall time with
 affinity vs without (affinity must not cost throughput). Absolute times depend on the machine
 (a shared, noisy CPU here): compare the ratios. Run with `python -m tests.bench.bench_affinity`
 (part of `just bench`).
@@ -36,9 +36,9 @@ MODEL = "gemma-3-270m"  # the model of both replicas (a base model: answers capp
 CONVERSATIONS = 3
 TURNS = 8
 MAX_TOKENS = 6
-UNIQUE_REQUESTS = 12
+UNIQUE_REQUESTS = 6
 UNIQUE_CONCURRENCY = 2
-SYSTEM_RULES = 70  # ≈ 1,500 tokens of system prompt (checked with /tokenize below)
+SYSTEM_RULES = 40  # ≈ 1,500 tokens of system prompt with gemma's tokenizer (printed below)
 READY_TIMEOUT_S = 300.0
 
 
