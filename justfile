@@ -39,6 +39,7 @@ bench:
     {{venv}}/python -m tests.bench.bench_split
     {{venv}}/python -m tests.bench.bench_proxy
     {{venv}}/python -m tests.bench.bench_console
+    {{venv}}/python -m tests.bench.bench_affinity
 
 # Build llama.cpp into bundle/bin and pack a release tarball (filled by the bundle issue).
 bundle:

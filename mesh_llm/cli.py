@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--no-draft", action="store_true", default=None, help="never use a draft model"
     )
+    node.add_argument(
+        "--embeddings",
+        action="append",
+        metavar="MODEL",
+        help="serve MODEL with embeddings enabled (/v1/embeddings; mean pooling unless its "
+        "GGUF says otherwise); repeatable",
+    )
     node.add_argument("--bind-port", type=int, metavar="P", help="UDP port for QUIC (default any)")
     node.add_argument(
         "--fast-lane-port",
@@ -174,6 +181,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
         "backend.split": getattr(args, "split", None),
         "backend.draft_path": getattr(args, "draft", None),
         "backend.no_draft": getattr(args, "no_draft", None),
+        "backend.embeddings": tuple(args.embeddings) if getattr(args, "embeddings", None) else None,
         "net.advertise": tuple(args.advertise) if getattr(args, "advertise", None) else None,
     }
     return load_config(flags, env)

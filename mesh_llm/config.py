@@ -43,11 +43,26 @@ class ApiConfig:
     max_header_line_bytes: int = 8190
     max_header_field_bytes: int = 8190
     max_headers: int = 128
+    # KV-cache affinity: a request goes to the replica that last served its prompt prefix
+    # (hashed every `affinity_chunk_chars` characters, up to `affinity_max_chars`), unless that
+    # replica is busier than its fair share; entries expire after `affinity_ttl_s`.
+    prefix_affinity: bool = True
+    affinity_max_entries: int = 16384
+    affinity_ttl_s: float = 600.0
+    affinity_chunk_chars: int = 512
+    affinity_max_chars: int = 128 * 1024
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("the API key is empty: give a non-empty --api-key, or none")
-        for name in ("queue_depth", "max_body_bytes", "max_header_line_bytes", "max_headers"):
+        for name in (
+            "queue_depth",
+            "max_body_bytes",
+            "max_header_line_bytes",
+            "max_headers",
+            "affinity_max_entries",
+            "affinity_chunk_chars",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"api.{name} must be at least 1, not {getattr(self, name)}")
 
@@ -73,6 +88,8 @@ class BackendConfig:
     no_draft: bool = False  # --no-draft: never pass a draft model
     max_vram_gb: float | None = None  # --max-vram: cap on the VRAM this node advertises (1e9 B)
     split: bool = False  # --split: force a tensor split even when the model fits
+    # --embeddings MODEL: serve these models (name, alias or spec) with embeddings enabled.
+    embeddings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +160,7 @@ ENV_KEYS: Mapping[str, str] = {
     "MESH_LLM_PORT": "api.port",
     "MESH_LLM_API_KEY": "api.api_key",
     "MESH_LLM_QUEUE_DEPTH": "api.queue_depth",
+    "MESH_LLM_PREFIX_AFFINITY": "api.prefix_affinity",
     "MESH_LLM_BIN_DIR": "backend.bin_dir",
     "MESH_LLM_LLAMA_SERVER": "backend.llama_server_path",
     "MESH_LLM_RPC_SERVER": "backend.rpc_server_path",

@@ -46,6 +46,7 @@ from mesh_llm.backend.serving import (
     run_in_daemon_thread,
 )
 from mesh_llm.config import Config
+from mesh_llm.core.capabilities import Capability, parse_capabilities
 from mesh_llm.core.demand import DemandMeter, rates_changed
 from mesh_llm.core.mesh import MeshCore
 from mesh_llm.core.router import ModelState, ModelStatus
@@ -115,6 +116,7 @@ class Node:
         hosts serving each one ready (the router's input)."""
         hosts: dict[str, list[str]] = {}
         aliases: dict[str, tuple[str, ...]] = {}
+        capabilities: dict[str, tuple[Capability, ...]] = {}
         loading: dict[str, str] = {}
         for record in self._known_records():
             if record.node_id == self._node_id():
@@ -125,6 +127,7 @@ class Node:
                 if info.ready:
                     hosts.setdefault(model, []).append(record.node_id)
                     aliases.setdefault(model, info.aliases)
+                    capabilities.setdefault(model, parse_capabilities(info.capabilities))
                 else:
                     loading.setdefault(model, record.node_id)
             for model in record.requested_models:
@@ -147,6 +150,7 @@ class Node:
                         ModelName(model),
                         ModelState.READY,
                         aliases=aliases.get(model, ()),
+                        capabilities=capabilities.get(model, ()),
                         host=nodes[0],
                         remote=tuple(nodes),
                     )

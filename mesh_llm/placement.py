@@ -349,7 +349,8 @@ class Placement:
             host = plan.host if plan is not None and plan.host else self._id
             role = "host" if plan is not None and host == self._id else "loading"
             aliases = self._server.status.aliases
-            serving[self._server.model.name] = ServingInfo(role, ready, host, aliases)
+            capabilities = tuple(c.value for c in self._server.status.capabilities)
+            serving[self._server.model.name] = ServingInfo(role, ready, host, aliases, capabilities)
         split = (
             (self._server.model.name,)
             if self._config.backend.split and self._server is not None and self._server.model

@@ -3,9 +3,11 @@
 `create_app` builds an aiohttp application over a `ModelDirectory` (what models exist and where
 they are served) and, on a mesh node, a `MeshAccess` (how to reach other hosts). Each request is
 validated, then routed and streamed by `proxy.Proxy` (local backend or another node, with
-failover). Every error is OpenAI-shaped JSON. The API answers from the first second of a node's
-life: 503 with `Retry-After` and a reason while nothing is ready. The app also owns the
-`InboundRequests` server that answers other nodes' requests over QUIC (same HTTP session).
+failover). Every error is OpenAI-shaped JSON, Anthropic-shaped on the Anthropic paths
+(`api/anthropic`). `/v1/models` lists every model with the endpoints it can answer. The API
+answers from the first second of a node's life: 503 with `Retry-After` and a reason while
+nothing is ready. The app also owns the `InboundRequests` server that answers other nodes'
+requests over QUIC (same HTTP session).
 Request ids, the API key, head limits, the queue depth (429) and `/metrics` come from
 `operations`.
 """
@@ -21,13 +23,25 @@ import aiohttp
 from aiohttp import web
 
 from mesh_llm.api import operations
+from mesh_llm.api.anthropic import ANTHROPIC_PATHS, translate_error
 from mesh_llm.api.inbound import DROP_PATH, InboundRequests
 from mesh_llm.api.metrics import MetricSources
-from mesh_llm.api.openai import PROXIED_PATHS, InvalidRequest, error_body, validate_request
+from mesh_llm.api.openai import (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    INFILL_PATH,
+    MESSAGES_PATH,
+    PROXIED_PATHS,
+    RESPONSES_PATH,
+    InvalidRequest,
+    error_body,
+    validate_request,
+)
 from mesh_llm.api.proxy import MeshAccess, ModelDirectory, Proxy, json_error
 from mesh_llm.api.request_id import request_id_of
 from mesh_llm.api.upstream import UPSTREAM_KEEPALIVE_S
 from mesh_llm.config import ApiConfig
+from mesh_llm.core.affinity import prefix_keys
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +49,10 @@ UPSTREAM_CONNECTIONS_MAX = 256
 LOOPBACK_PEERS = frozenset({"127.0.0.1", "::1"})
 PROXY_KEY = web.AppKey("proxy", Proxy)
 INBOUND_KEY = web.AppKey("inbound", InboundRequests)
+# Paths that process a prompt into the KV cache: worth steering to the replica holding it.
+AFFINITY_PATHS = frozenset(
+    {CHAT_PATH, COMPLETIONS_PATH, RESPONSES_PATH, MESSAGES_PATH, INFILL_PATH}
+)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 __all__ = ["INBOUND_KEY", "PROXY_KEY", "ModelDirectory", "create_app", "json_error"]
@@ -78,6 +96,25 @@ def create_app(
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Exceptions ⇒ errors in the path's dialect (OpenAI; Anthropic on its paths)."""
+    response = await _openai_errors(request, handler)
+    if (
+        request.path in ANTHROPIC_PATHS
+        and response.status >= 400
+        and isinstance(response, web.Response)
+        and not response.prepared
+        and isinstance(response.body, bytes)
+    ):
+        headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+        return web.Response(
+            body=translate_error(response.status, response.body),
+            status=response.status,
+            headers={**headers, "Content-Type": "application/json"},
+        )
+    return response
+
+
+async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Exceptions ⇒ OpenAI-shaped errors. Requests to the model endpoints refused here (400)
     or by the API key (401, the middleware inside this one) are counted in `/metrics` with
     model "" and route "none"; everything past validation is counted by the proxy."""
@@ -130,6 +167,7 @@ class _Api:
                 "object": "model",
                 "created": int(time.time()),
                 "owned_by": "mesh-llm",
+                "capabilities": [c.value for c in m.capabilities],
                 "meta": {
                     "state": "warm" if m.routable else "cold",
                     "status": m.state.value,
@@ -151,7 +189,13 @@ class _Api:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
         requested = validate_request(request.path, body)
-        return await request.app[PROXY_KEY].handle(request, requested, raw, request_id)
+        keys: tuple[bytes, ...] = ()
+        if self._config.prefix_affinity and request.path in AFFINITY_PATHS:
+            config = self._config
+            keys = prefix_keys(
+                body, chunk_chars=config.affinity_chunk_chars, max_chars=config.affinity_max_chars
+            )
+        return await request.app[PROXY_KEY].handle(request, requested, raw, request_id, keys)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -1,8 +1,9 @@
-"""Bearer-token authentication of the API (`--api-key`, `MESH_LLM_API_KEY`, `api.api_key`).
+"""API-key authentication of the API (`--api-key`, `MESH_LLM_API_KEY`, `api.api_key`).
 
 `bearer_auth(key)` is an aiohttp middleware: every request but the probes in `OPEN_PATHS` must
-carry `Authorization: Bearer <key>`, compared in constant time; otherwise the answer is 401
-OpenAI-shaped JSON with `WWW-Authenticate: Bearer`. `/metrics` is protected too (Prometheus
+carry `Authorization: Bearer <key>` or Anthropic's `x-api-key: <key>`, compared in constant
+time; otherwise the answer is 401 OpenAI-shaped JSON with `WWW-Authenticate: Bearer` (the error
+middleware reshapes it on the Anthropic paths). `/metrics` is protected too (Prometheus
 scrapers send bearer tokens: `authorization: {credentials: KEY}`). `warn_if_exposed` logs the
 warning for an API on all interfaces without a key. Knows nothing of routing or proxying.
 """
@@ -36,7 +37,11 @@ def bearer_auth(api_key: str) -> Middleware:
             return await handler(request)
         presented = _bearer_token(request.headers.get("Authorization"))
         if presented is None:
-            return _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+            presented = _plain_key(request.headers.get("x-api-key"))
+        if presented is None:
+            return _unauthorized(
+                "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+            )
         if not hmac.compare_digest(_digest(presented), expected):
             return _unauthorized("invalid API key")
         return await handler(request)
@@ -56,6 +61,12 @@ def _bearer_token(header: str | None) -> str | None:
     if scheme.lower() != _SCHEME or not token.strip():
         return None
     return token.strip()
+
+
+def _plain_key(header: str | None) -> str | None:
+    if header is None or not header.strip():
+        return None
+    return header.strip()
 
 
 def _unauthorized(message: str) -> web.Response:

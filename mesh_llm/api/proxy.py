@@ -1,7 +1,9 @@
 """Streaming proxy of one OpenAI request to the backend chosen for it, local or remote.
 
-`Proxy.handle` asks the pure router for a backend (least in-flight, local first on ties),
-opens the upstream (`api/upstream.py`), and relays the answer chunk by chunk, unbuffered.
+`Proxy.handle` asks the pure router for a backend (least in-flight, local first on ties; the
+replica that last served the request's prompt prefix when it is not busier than its fair share,
+from this node's `AffinityTable`), opens the upstream (`api/upstream.py`), and relays the
+answer chunk by chunk, unbuffered.
 Failover: when the upstream fails before its response head — the host died, its stream was
 reset, its backend refused with 429/502/503 — the request is retried once on another replica
 (or on a backend elected since), and a failed remote host is reported to the mesh at once. After
@@ -25,6 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from mesh_llm.api.admission import LocalAdmission, Release
+from mesh_llm.api.anthropic import ANTHROPIC_PATHS, stream_error_event, translate_error
 from mesh_llm.api.metrics import (
     CLIENT_CLOSED_STATUS,
     ERROR_STATUS,
@@ -32,7 +35,7 @@ from mesh_llm.api.metrics import (
     RequestObservation,
     RouteKind,
 )
-from mesh_llm.api.openai import error_body
+from mesh_llm.api.openai import ENDPOINTS, error_body
 from mesh_llm.api.operations import queue_full
 from mesh_llm.api.upstream import (
     RemoteResponse,
@@ -44,6 +47,8 @@ from mesh_llm.api.upstream import (
     request_head,
 )
 from mesh_llm.config import ApiConfig
+from mesh_llm.core.affinity import AffinityTable
+from mesh_llm.core.capabilities import Capability
 from mesh_llm.core.router import (
     LOCAL,
     ModelStatus,
@@ -61,6 +66,7 @@ log = logging.getLogger(__name__)
 SSE_DONE = b"data: [DONE]"  # the last event of an OpenAI stream
 MAX_ATTEMPTS = 2  # the first choice, then one retry on another replica
 RETRYABLE_STATUSES = frozenset({429, 502, 503})  # a host refused before producing anything
+MAX_ERROR_BODY_BYTES = 64 * 1024  # an upstream error body read whole to be reshaped
 
 
 class ModelDirectory(Protocol):
@@ -126,19 +132,32 @@ class Proxy:
         self._config = config
         self._rotation = itertools.count()
         self.in_flight: Counter[str] = Counter()
+        self.affinity = AffinityTable(
+            max_entries=config.affinity_max_entries, ttl_s=config.affinity_ttl_s
+        )
 
     async def handle(
-        self, request: web.Request, requested: str | None, body: bytes, request_id: str
+        self,
+        request: web.Request,
+        requested: str | None,
+        body: bytes,
+        request_id: str,
+        prefix_keys: Sequence[bytes] = (),
     ) -> web.StreamResponse:
+        """Route and relay one validated request; `prefix_keys` are its prompt-prefix hashes
+        (`core/affinity.prefix_keys`; empty: no affinity)."""
         started = self._metrics.now()
         statuses = self._directory.model_statuses()
-        model = match_model(requested, statuses)
+        endpoint = ENDPOINTS.get(request.path)
+        capability = endpoint.capability if endpoint is not None else None
+        model = match_model(requested, statuses, capability)
         if model is not None and self._mesh is not None:
             self._mesh.count_request(model.name)
         attempt = _Attempt(self._metrics, model.name if model is not None else "", started)
+        affinity = _Affinity(self.affinity, model.name if model else "", prefix_keys, capability)
         try:
             response = await self._route(
-                request, requested, model, statuses, body, request_id, attempt
+                request, requested, model, statuses, body, request_id, attempt, affinity
             )
         except asyncio.CancelledError:
             attempt.finished(CLIENT_CLOSED_STATUS)
@@ -158,12 +177,13 @@ class Proxy:
         body: bytes,
         request_id: str,
         attempt: _Attempt,
+        affinity: _Affinity,
     ) -> web.StreamResponse:
         rotation = next(self._rotation)
         exclude: set[str] = set()
         last_error = ""
         for number in range(MAX_ATTEMPTS):
-            route = self._choose(requested, statuses, exclude, rotation)
+            route = self._choose(requested, statuses, exclude, rotation, affinity)
             if isinstance(route, RouteRefused):
                 message = f"{route.message} ({last_error})" if last_error else route.message
                 status, code = route.status, route.code
@@ -181,7 +201,9 @@ class Proxy:
                 release = self._admission.try_acquire(route.model)
                 if release is None:
                     last_error = f"the local queue of {route.model} is full"
-                    if number + 1 < MAX_ATTEMPTS and self._has_other(requested, {*exclude, LOCAL}):
+                    if number + 1 < MAX_ATTEMPTS and self._has_other(
+                        requested, {*exclude, LOCAL}, affinity
+                    ):
                         log.info("request %s: %s; trying a replica", request_id, last_error)
                         exclude.add(LOCAL)
                         continue
@@ -196,15 +218,18 @@ class Proxy:
                     last_error = str(exc)
                     log.warning("request %s: %s; %s", request_id, exc, _retry_note(number))
                     self._report(route, last_error)
+                    self.affinity.forget(route.key)
                     exclude.add(route.key)
                     continue
                 try:
                     retry = upstream.status in RETRYABLE_STATUSES and number + 1 < MAX_ATTEMPTS
-                    if retry and self._has_other(requested, exclude | {route.key}):
+                    if retry and self._has_other(requested, exclude | {route.key}, affinity):
                         last_error = f"{_where(route)} answered {upstream.status}"
                         log.info("request %s: %s; retrying elsewhere", request_id, last_error)
                         exclude.add(route.key)
                         continue
+                    if upstream.status < 400:
+                        affinity.served_by(route, self._now())
                     return await _relay(request, upstream, request_id, observation)
                 finally:
                     upstream.close()
@@ -226,6 +251,7 @@ class Proxy:
         statuses: Sequence[ModelStatus],
         exclude: set[str],
         rotation: int,
+        affinity: _Affinity,
     ) -> Route | RouteRefused:
         return choose_route(
             requested,
@@ -234,11 +260,16 @@ class Proxy:
             in_flight=self.in_flight,
             exclude=exclude,
             rotation=rotation,
+            capability=affinity.capability,
+            preferred=affinity.preferred(self._now()) if self._config.prefix_affinity else None,
         )
 
-    def _has_other(self, requested: str | None, exclude: set[str]) -> bool:
+    def _has_other(self, requested: str | None, exclude: set[str], affinity: _Affinity) -> bool:
         statuses = self._directory.model_statuses()
-        return isinstance(self._choose(requested, statuses, exclude, 0), Route)
+        return isinstance(self._choose(requested, statuses, exclude, 0, affinity), Route)
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
 
     async def _open(self, route: Route, path: str, body: bytes, request_id: str) -> Upstream:
         if route.endpoint is not None:
@@ -273,6 +304,32 @@ def _retry_note(attempt: int) -> str:
     return "retrying on another replica" if attempt + 1 < MAX_ATTEMPTS else "giving up"
 
 
+class _Affinity:
+    """The prompt-prefix affinity of one request: which backend to prefer, and recording the
+    backend that served it."""
+
+    def __init__(
+        self,
+        table: AffinityTable,
+        model: str,
+        keys: Sequence[bytes],
+        capability: Capability | None,
+    ) -> None:
+        self._table = table
+        self._model = model
+        self._keys = keys
+        self.capability = capability
+
+    def preferred(self, now: float) -> str | None:
+        if not self._keys or not self._model:
+            return None
+        return self._table.lookup(self._model, self._keys, now)
+
+    def served_by(self, route: Route, now: float) -> None:
+        if self._keys:
+            self._table.record(route.model, self._keys, route.key, now)
+
+
 class _Attempt:
     """The metrics of one request across its attempts: refused before any backend (route
     "none"), or observed from the first backend tried, moved when a retry changes the route."""
@@ -303,6 +360,10 @@ class _Attempt:
 async def _relay(
     request: web.Request, upstream: Upstream, request_id: str, observation: RequestObservation
 ) -> web.StreamResponse:
+    anthropic = request.path in ANTHROPIC_PATHS
+    content_type = upstream.headers.get("Content-Type", "")
+    if anthropic and upstream.status >= 400 and not content_type.startswith("text/event-stream"):
+        return await _reshaped_error(upstream, request_id, observation)
     response = web.StreamResponse(status=upstream.status)
     for name, value in upstream.headers.items():
         response.headers[name] = value
@@ -325,7 +386,10 @@ async def _relay(
         raise
     except UpstreamFailed as exc:
         log.warning("request %s: %s", request_id, exc)
-        if is_sse:
+        if is_sse and anthropic:
+            await response.write(stream_error_event(str(exc)))
+            await response.write_eof()
+        elif is_sse:
             event = error_body(502, str(exc), "upstream_failed")
             await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             await response.write_eof()
@@ -334,3 +398,23 @@ async def _relay(
         return response
     await response.write_eof()
     return response
+
+
+async def _reshaped_error(
+    upstream: Upstream, request_id: str, observation: RequestObservation
+) -> web.StreamResponse:
+    """An upstream error on an Anthropic path, read whole and answered Anthropic-shaped."""
+    observation.response_head(upstream.status, "application/json")
+    raw = b""
+    try:
+        async for chunk in upstream.chunks():
+            raw += chunk
+            if len(raw) > MAX_ERROR_BODY_BYTES:
+                break
+    except UpstreamFailed as exc:
+        raw = raw or str(exc).encode()
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+    if "Retry-After" in upstream.headers:
+        headers["Retry-After"] = upstream.headers["Retry-After"]
+    body = translate_error(upstream.status, raw[:MAX_ERROR_BODY_BYTES])
+    return web.Response(body=body, status=upstream.status, headers=headers)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 ALL_LAYERS_ON_DEVICE = 99
+POOLINGS = ("none", "mean", "cls", "last")
 
 
 def build_llama_server_argv(
@@ -25,12 +26,17 @@ def build_llama_server_argv(
     draft_model: Path | None = None,
     threads: int | None = None,
     alias: str | None = None,
+    embeddings: bool = False,
+    pooling: str | None = None,
+    reranking: bool = False,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
     """argv for `llama-server` serving `model` on 127.0.0.1:`port` (ctx_size in tokens).
 
     `tensor_split` ratios are written with two decimals in llama-server's device order.
-    Raises `ValueError` for an invalid port, context size or split.
+    `embeddings` enables `/v1/embeddings` with `pooling` (none, mean, cls, last; None: the
+    model's default); `reranking` enables `/v1/rerank` (rank pooling, implies embeddings).
+    Raises `ValueError` for an invalid port, context size, split or pooling.
     """
     _check_port(port)
     if ctx_size <= 0:
@@ -59,6 +65,14 @@ def build_llama_server_argv(
         if any(r < 0 for r in tensor_split) or sum(tensor_split) <= 0:
             raise ValueError(f"bad tensor split {list(tensor_split)}")
         argv += ["--tensor-split", ",".join(f"{r:.2f}" for r in tensor_split)]
+    if reranking:
+        argv.append("--reranking")
+    elif embeddings:
+        argv.append("--embeddings")
+        if pooling is not None:
+            if pooling not in POOLINGS:
+                raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+            argv += ["--pooling", pooling]
     if draft_model is not None:
         argv += ["-md", str(draft_model), "-ngld", str(ALL_LAYERS_ON_DEVICE)]
     argv += list(extra_args)

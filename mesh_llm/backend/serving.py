@@ -25,10 +25,12 @@ from mesh_llm.backend.build import Binaries, ensure_binaries
 from mesh_llm.backend.llama import LOOPBACK, build_llama_server_argv
 from mesh_llm.backend.process import ChildSpec, ChildState, HealthCheck, Supervisor
 from mesh_llm.config import Config
+from mesh_llm.core.capabilities import BackendMode, ModelFacts, backend_mode
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName
 from mesh_llm.errors import MeshError, ModelError
 from mesh_llm.models.catalog import find_entry, load_catalog
+from mesh_llm.models.gguf import read_gguf_info
 from mesh_llm.models.resolve import ResolvedModel, list_local_models, resolve_model
 
 log = logging.getLogger(__name__)
@@ -96,10 +98,14 @@ class ModelServer:
         self.supervisor: Supervisor | None = None
         self.model: ResolvedModel | None = None
         self.draft: Path | None = None
+        self.mode: BackendMode | None = None  # endpoints it answers, known once resolved
 
     def _set(self, state: ModelState, reason: str, endpoint: str | None = None) -> None:
         name = self.model.name if self.model is not None else ModelName(self._early_name)
-        status = ModelStatus(name, state, reason, endpoint=endpoint, aliases=self._aliases)
+        capabilities = self.mode.capabilities if self.mode is not None else ()
+        status = ModelStatus(
+            name, state, reason, endpoint=endpoint, aliases=self._aliases, capabilities=capabilities
+        )
         if status != self.status:  # re-planning repeats states: only real changes propagate
             self.status = status
             self._on_change()
@@ -126,6 +132,7 @@ class ModelServer:
             names = {self.spec, self.model.path.name, self.model.path.stem}
             self._aliases = tuple(sorted(a for a in names if a != self.model.name))
             self.draft = await run_in_daemon_thread(lambda: find_draft(model, self._config))
+            self.mode = await run_in_daemon_thread(lambda: serving_mode(model, self._config, spec))
             self._set(ModelState.LOADING, "preparing llama.cpp (first start builds it, ~5 min)")
             await self._binaries.get()
         except MeshError as exc:
@@ -168,6 +175,7 @@ class ModelServer:
         tensor_split: tuple[float, ...],
     ) -> None:
         backend = self._config.backend
+        mode = self.mode or BackendMode(())
         port = free_tcp_port()
         argv = build_llama_server_argv(
             binaries.llama_server,
@@ -179,6 +187,9 @@ class ModelServer:
             rpc_endpoints=rpc_endpoints,
             tensor_split=tensor_split,
             draft_model=self.draft,
+            embeddings=mode.embeddings,
+            pooling=mode.pooling,
+            reranking=mode.reranking,
             extra_args=backend.extra_args,
         )
         endpoint = f"http://{LOOPBACK}:{port}"
@@ -216,6 +227,25 @@ def model_name_of(spec: str) -> str:
         return find_entry(spec).model_name
     except MeshError:
         return spec
+
+
+def serving_mode(model: ResolvedModel, config: Config, spec: str = "") -> BackendMode:
+    """The endpoints `model` answers and the llama-server flags they need, from its GGUF
+    header and `--embeddings` (which names the model by spec, name, alias or file). Blocking
+    (reads the header). Raises `ModelError` when the file is not a readable GGUF."""
+    info = read_gguf_info(model.path)
+    facts = ModelFacts(info.pooling_type, info.fill_in_middle, info.chat_template)
+    names = {model.name, model.path.name, model.path.stem, str(model.path), spec} - {""}
+    wanted = set(config.backend.embeddings)
+    requested = bool(names & wanted) or any(model_name_of(w) in names for w in wanted)
+    mode = backend_mode(facts, embeddings_requested=requested)
+    log.info(
+        "%s answers %s",
+        model.name,
+        ", ".join(c.value for c in mode.capabilities),
+        extra={"event": "capabilities", "model": model.name},
+    )
+    return mode
 
 
 def find_draft(model: ResolvedModel, config: Config) -> Path | None:

@@ -76,6 +76,9 @@ class GGUFInfo:
     parameter_count: int
     size_bytes: int
     split_count: int
+    pooling_type: int = -1  # `<arch>.pooling_type` (llama_pooling_type); -1: absent
+    fill_in_middle: bool = False  # has FIM prefix/suffix/middle token ids (infill)
+    chat_template: bool = False  # has `tokenizer.chat_template`
 
 
 def read_gguf_info(path: Path) -> GGUFInfo:
@@ -152,7 +155,25 @@ def _info(
         parameter_count=parameters,
         size_bytes=sum(p.stat().st_size for p in parts),
         split_count=len(parts),
+        pooling_type=_int_or(metadata.get(f"{architecture}.pooling_type"), -1),
+        fill_in_middle=_has_fim(metadata),
+        chat_template=isinstance(metadata.get("tokenizer.chat_template"), str),
     )
+
+
+_FIM_KEYS = (
+    ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.prefix_token_id"),
+    ("tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.suffix_token_id"),
+    ("tokenizer.ggml.fim_mid_token_id", "tokenizer.ggml.middle_token_id"),
+)
+
+
+def _has_fim(metadata: dict[str, MetadataValue]) -> bool:
+    return all(any(_int_or(metadata.get(k), -1) >= 0 for k in keys) for keys in _FIM_KEYS)
+
+
+def _int_or(value: MetadataValue, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 def _read_header(path: Path) -> tuple[dict[str, MetadataValue], int, int, int]:

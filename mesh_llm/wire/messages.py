@@ -55,6 +55,8 @@ class ServingInfo:
     ready: bool = False
     host: str = ""  # node id of the host of this model's group
     aliases: tuple[str, ...] = ()  # other names requests may use for the model (catalog name)
+    # endpoints it answers (core.capabilities.Capability values); empty: unknown (older peer)
+    capabilities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,11 @@
 `/v1/completions` answer OpenAI-shaped JSON, or with `"stream": true` an SSE stream of `chunks`
 `data: {...}` events (`chunk_delay_s` apart) followed by `data: [DONE]`. When `hold_last_chunk`
 is set, the stream waits for `release()` before the last chunk, so a test can observe that earlier
-chunks arrived first. `/v1/embeddings` answers a fixed vector. Every request is recorded; a
-streaming request whose client went away is counted in `cancelled`.
+chunks arrived first. `/v1/embeddings` answers a fixed vector. The other llama-server paths
+(`EXTRA_PATHS`: responses, rerank, Anthropic messages, tokenize, infill…) answer a small JSON
+document naming the path (`/v1/messages` with `"stream": true`: Anthropic SSE events), or, for
+paths in `fail_paths`, llama-server's own error shape with that status. Every request is
+recorded; a streaming request whose client went away is counted in `cancelled`.
 
 `serve(app)` runs any aiohttp app on 127.0.0.1 with an ephemeral port, the way the node does.
 """
@@ -25,6 +28,17 @@ from multidict import CIMultiDict
 
 MODEL_ID = "fake-model"
 CHAT_REPLY = "Hello from the fake llama-server."
+EXTRA_PATHS = (
+    "/v1/responses",
+    "/v1/responses/input_tokens",
+    "/v1/rerank",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
+    "/infill",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +72,7 @@ class FakeLlama:
         self.chunks_sent = 0
         self.streams_finished = 0
         self.cancelled = 0
+        self.fail_paths: dict[str, int] = {}  # path → error status llama-server-style
         self._released = asyncio.Event()
 
     def release(self) -> None:
@@ -70,7 +85,37 @@ class FakeLlama:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        for path in EXTRA_PATHS:
+            app.router.add_post(path, self._extra)
         return app
+
+    async def _extra(self, request: web.Request) -> web.StreamResponse:
+        body = await self._record(request)
+        status = self.fail_paths.get(request.path)
+        if status is not None:
+            error = {"code": status, "message": f"fake failure on {request.path}", "type": "x"}
+            return web.json_response({"error": error}, status=status)
+        if request.path == "/v1/messages" and body.get("stream"):
+            return await self._anthropic_stream(request)
+        return web.json_response({"path": request.path, "model": body.get("model") or MODEL_ID})
+
+    async def _anthropic_stream(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        events = [
+            ("message_start", {"type": "message_start", "message": {"id": "msg_fake"}}),
+            *(
+                ("content_block_delta", {"type": "content_block_delta", "index": 0, "n": i})
+                for i in range(self.chunks)
+            ),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        for name, data in events:
+            await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+            self.chunks_sent += 1
+        await response.write_eof()
+        self.streams_finished += 1
+        return response
 
     async def _health(self, request: web.Request) -> web.Response:
         if self.healthy:

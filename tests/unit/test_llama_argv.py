@@ -123,3 +123,25 @@ def test_rpc_server_argv_options() -> None:
     assert argv[argv.index("-d") + 1] == "CUDA0"
     assert argv[argv.index("-t") + 1] == "4"
     assert argv[1:3] == ["-H", "127.0.0.1"]
+
+
+def test_embeddings_with_pooling() -> None:
+    argv = build_llama_server_argv(
+        SERVER, MODEL, 8081, ctx_size=512, embeddings=True, pooling="mean"
+    )
+    assert argv[argv.index("--embeddings") + 1 :][:2] == ["--pooling", "mean"]
+    plain = build_llama_server_argv(SERVER, MODEL, 8081, ctx_size=512, pooling="mean")
+    assert "--embeddings" not in plain and "--pooling" not in plain
+
+
+def test_reranking_needs_no_other_flag() -> None:
+    argv = build_llama_server_argv(
+        SERVER, MODEL, 8081, ctx_size=512, embeddings=True, pooling="cls", reranking=True
+    )
+    assert "--reranking" in argv
+    assert "--embeddings" not in argv and "--pooling" not in argv
+
+
+def test_bad_pooling() -> None:
+    with pytest.raises(ValueError, match="pooling"):
+        build_llama_server_argv(SERVER, MODEL, 8081, ctx_size=512, embeddings=True, pooling="max")

@@ -1,4 +1,4 @@
-"""OpenAI request validation per endpoint, and the error body shape."""
+"""Request validation per routed endpoint (OpenAI, Anthropic, llama.cpp), and the error body."""
 
 from __future__ import annotations
 
@@ -7,10 +7,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh_llm.api.openai import (
+    APPLY_TEMPLATE_PATH,
     CHAT_PATH,
     COMPLETIONS_PATH,
+    COUNT_TOKENS_PATH,
+    DETOKENIZE_PATH,
     EMBEDDINGS_PATH,
+    INFILL_PATH,
+    MESSAGES_PATH,
     PROXIED_PATHS,
+    RERANK_PATH,
+    RESPONSES_PATH,
+    RESPONSES_TOKENS_PATH,
+    TOKENIZE_PATH,
     InvalidRequest,
     error_body,
     validate_request,
@@ -22,8 +31,34 @@ VALID: dict[str, dict[str, object]] = {
     CHAT_PATH: {"messages": MESSAGES},
     COMPLETIONS_PATH: {"prompt": "Once upon"},
     EMBEDDINGS_PATH: {"input": "hello"},
+    RESPONSES_PATH: {"input": "hello"},
+    RESPONSES_TOKENS_PATH: {"input": [{"role": "user", "content": "hi"}]},
+    RERANK_PATH: {"query": "q", "documents": ["a", "b"]},
+    MESSAGES_PATH: {"messages": MESSAGES, "max_tokens": 8},
+    COUNT_TOKENS_PATH: {"messages": MESSAGES},
+    TOKENIZE_PATH: {"content": "hello"},
+    DETOKENIZE_PATH: {"tokens": [1, 2]},
+    APPLY_TEMPLATE_PATH: {"messages": MESSAGES},
+    INFILL_PATH: {"input_prefix": "def f(", "input_suffix": "):"},
 }
-REQUIRED = {CHAT_PATH: "messages", COMPLETIONS_PATH: "prompt", EMBEDDINGS_PATH: "input"}
+REQUIRED = {
+    CHAT_PATH: "messages",
+    COMPLETIONS_PATH: "prompt",
+    EMBEDDINGS_PATH: "input",
+    RESPONSES_PATH: "input",
+    RESPONSES_TOKENS_PATH: "input",
+    RERANK_PATH: "query",
+    MESSAGES_PATH: "messages",
+    COUNT_TOKENS_PATH: "messages",
+    TOKENIZE_PATH: "content",
+    DETOKENIZE_PATH: "tokens",
+    APPLY_TEMPLATE_PATH: "messages",
+}
+
+
+def test_every_path_has_a_valid_example() -> None:
+    assert set(VALID) == set(PROXIED_PATHS)
+    assert set(REQUIRED) == set(PROXIED_PATHS) - {INFILL_PATH}  # infill: all fields optional
 
 
 @pytest.mark.parametrize("path", PROXIED_PATHS)
@@ -50,7 +85,7 @@ def test_other_valid_shapes(path: str, body: dict[str, object]) -> None:
     assert validate_request(path, body) is None
 
 
-@pytest.mark.parametrize("path", PROXIED_PATHS)
+@pytest.mark.parametrize("path", sorted(REQUIRED))
 def test_missing_required_field(path: str) -> None:
     with pytest.raises(InvalidRequest, match=f"'{REQUIRED[path]}' is required") as info:
         validate_request(path, {"model": "m"})
@@ -67,6 +102,11 @@ def test_missing_required_field(path: str) -> None:
         (COMPLETIONS_PATH, {"text": "x"}),
         (EMBEDDINGS_PATH, None),
         (EMBEDDINGS_PATH, 1.5),
+        (RESPONSES_PATH, 3),
+        (RERANK_PATH, ["q"]),
+        (MESSAGES_PATH, "hi"),
+        (TOKENIZE_PATH, 7),
+        (DETOKENIZE_PATH, "1 2"),
     ],
 )
 def test_required_field_of_wrong_type(path: str, value: object) -> None:
@@ -74,6 +114,27 @@ def test_required_field_of_wrong_type(path: str, value: object) -> None:
     with pytest.raises(InvalidRequest, match="wrong type") as info:
         validate_request(path, {field: value})
     assert info.value.param == field
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (RERANK_PATH, {"query": "q"}, "documents"),
+        (RERANK_PATH, {"query": "q", "documents": "a"}, "documents"),
+        (RERANK_PATH, {"query": "q", "texts": ["a"], "top_n": True}, "top_n"),
+        (MESSAGES_PATH, {"messages": MESSAGES, "max_tokens": "8"}, "max_tokens"),
+        (MESSAGES_PATH, {"messages": [{"content": "no role"}]}, "messages"),
+        (INFILL_PATH, {"input_prefix": 1}, "input_prefix"),
+    ],
+)
+def test_endpoint_specific_fields(path: str, body: dict[str, object], param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        validate_request(path, body)
+    assert info.value.param == param
+
+
+def test_rerank_accepts_tei_texts() -> None:
+    assert validate_request(RERANK_PATH, {"query": "q", "texts": ["a"], "top_n": 1}) is None
 
 
 def test_empty_messages() -> None:

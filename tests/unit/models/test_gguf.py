@@ -49,6 +49,24 @@ def test_reads_the_fields_of_a_generated_file(tmp_path: Path) -> None:
     assert (info.version, info.split_count) == (3, 1)
 
 
+def test_endpoint_facts_pooling_fim_and_chat_template(tmp_path: Path) -> None:
+    plain = read_gguf_info(write_gguf(tmp_path / "plain.gguf", llama_metadata(), TENSORS))
+    assert (plain.pooling_type, plain.fill_in_middle, plain.chat_template) == (-1, False, False)
+    metadata = llama_metadata(
+        "bert",
+        bert__pooling_type=Typed(4, 2),
+        tokenizer__chat_template="{{ messages }}",
+        tokenizer__ggml__fim_pre_token_id=Typed(4, 1),
+        tokenizer__ggml__fim_suf_token_id=Typed(4, 2),
+        tokenizer__ggml__fim_mid_token_id=Typed(4, 3),
+    )
+    info = read_gguf_info(write_gguf(tmp_path / "embed.gguf", metadata, TENSORS))
+    assert (info.pooling_type, info.fill_in_middle, info.chat_template) == (2, True, True)
+    partial_fim = llama_metadata(tokenizer__ggml__fim_pre_token_id=Typed(4, 1))
+    info = read_gguf_info(write_gguf(tmp_path / "partial.gguf", partial_fim, TENSORS))
+    assert not info.fill_in_middle
+
+
 def test_version_2_and_moe_fields(tmp_path: Path) -> None:
     metadata = llama_metadata("qwen3moe", qwen3moe__expert_count=128)
     info = read_gguf_info(write_gguf(tmp_path / "m.gguf", metadata, TENSORS, version=2))
@@ -258,4 +276,5 @@ def test_real_demo_model(demo_models_dir: Path) -> None:
     assert 260_000_000 < info.parameter_count < 280_000_000
     assert (info.head_count, info.head_count_kv, info.key_length) == (4, 1, 256)
     assert info.context_length == 32768
+    assert info.pooling_type == -1  # a generative model: embeddings only when asked for
     assert estimate_kv_cache_bytes(info, 4096) == 2 * 18 * 4096 * 1 * 512

@@ -43,6 +43,7 @@ serving_infos = st.builds(
     ready=st.booleans(),
     host=texts,
     aliases=st.lists(texts, max_size=2).map(tuple),
+    capabilities=st.lists(texts, max_size=3).map(tuple),
 )
 
 node_records = st.builds(
@@ -129,7 +130,7 @@ def _field_names(cls: type) -> set[str]:
     return (
         names
         | {f.name for f in dataclasses.fields(NodeRecord)}
-        | {"role", "ready", "host", "aliases"}
+        | {"role", "ready", "host", "aliases", "capabilities"}
     )
 
 

@@ -83,7 +83,7 @@ def test_wire_shape_is_a_map_with_integer_tag_and_named_fields() -> None:
     assert wire_record["node_id"] == "n1"
     assert wire_record["addrs"] == ["a:1"]
     assert wire_record["serving"] == {
-        "m": {"role": "host", "ready": True, "host": "", "aliases": []}
+        "m": {"role": "host", "ready": True, "host": "", "aliases": [], "capabilities": []}
     }
     hello = _wire(Hello(version=1, node_id="n", mesh_id="m", nonce=b"\x00\xff"))
     assert hello["nonce"] == b"\x00\xff"  # bytes stay bin, not str
