@@ -33,12 +33,16 @@ sys.path.insert(0, str(REPO))
 
 from mesh_llm import __version__  # noqa: E402
 from mesh_llm.backend.build import BUILD_INFO_FILE, LLAMA_SERVER, ensure_binaries  # noqa: E402
+from mesh_llm.backend.toolchain import binaries_backend  # noqa: E402
 from mesh_llm.config import BackendConfig, load_config  # noqa: E402
 from mesh_llm.config_reference import render_sample_toml  # noqa: E402
 from mesh_llm.service import UnitSpec, render_unit  # noqa: E402
 from mesh_llm.wire.messages import PROTOCOL_VERSION  # noqa: E402
 
 SYSTEM_LIB_DIRS = ("/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/")
+# System libraries a minimal machine of the same OS may lack (libgomp1 comes with gcc): shipped
+# next to the binaries. glibc, libstdc++ and OpenSSL stay the system's (security updates).
+SHIPPED_SYSTEM_LIBS = ("libgomp.so.1",)
 PIP_TIMEOUT_S = 1800
 
 
@@ -118,13 +122,13 @@ def _add_binaries(target: Path, bin_dir: Path | None) -> dict[str, object]:
         copied = target / (LLAMA_SERVER if program == binaries.llama_server else "ggml-rpc-server")
         shutil.copy2(program, copied)
         needed[copied.name] = _needed_libs(copied)
-        for lib in _private_libs(copied):
+        for lib in _libs_to_ship(copied):
             if not (target / lib.name).exists():
                 shutil.copy2(lib, target / lib.name)
                 needed[lib.name] = _needed_libs(target / lib.name)
     private = [p for p in target.iterdir() if ".so" in p.name]
-    for path in [target / LLAMA_SERVER, target / "ggml-rpc-server", *private]:
-        if private:
+    if private:
+        for path in (target / LLAMA_SERVER, target / "ggml-rpc-server"):
             _set_origin_rpath(path)
     info_path = binaries.llama_server.parent / BUILD_INFO_FILE
     if info_path.is_file():
@@ -132,6 +136,7 @@ def _add_binaries(target: Path, bin_dir: Path | None) -> dict[str, object]:
     return {
         "build_id": binaries.build_id,
         "rpc_protocol": binaries.rpc_protocol,
+        "backend": binaries_backend(binaries.llama_server) or "unknown",
         "from": str(binaries.llama_server.parent),
         "needed": needed,
         "private_libs": sorted(p.name for p in private),
@@ -147,8 +152,9 @@ def _needed_libs(path: Path) -> list[str]:
     ]
 
 
-def _private_libs(path: Path) -> list[Path]:
-    """Libraries `path` loads from outside the system directories (e.g. the build tree)."""
+def _libs_to_ship(path: Path) -> list[Path]:
+    """Libraries `path` loads from outside the system directories (e.g. the build tree), and
+    the system ones in SHIPPED_SYSTEM_LIBS."""
     done = subprocess.run(["ldd", str(path)], capture_output=True, text=True, check=True)
     libs = []
     for line in done.stdout.splitlines():
@@ -156,7 +162,10 @@ def _private_libs(path: Path) -> list[Path]:
             raise SystemExit(f"{path} needs a library that is not found: {line.strip()}")
         if "=>" in line:
             resolved = line.split("=>", 1)[1].strip().split(" (", 1)[0]
-            if resolved and not resolved.startswith(SYSTEM_LIB_DIRS):
+            name = line.split("=>", 1)[0].strip()
+            if resolved and (
+                not resolved.startswith(SYSTEM_LIB_DIRS) or name in SHIPPED_SYSTEM_LIBS
+            ):
                 libs.append(Path(resolved))
     return libs
 

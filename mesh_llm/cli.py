@@ -210,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.version:
             from mesh_llm.admin import version_lines
 
-            console.print("\n".join(version_lines(config)), highlight=False, markup=False)
+            for line in version_lines(config):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
             return EXIT_OK
         match args.command:
             case None:
@@ -337,6 +338,8 @@ def doctor(config: Config, console: Console) -> int:
         )
     hardware = detect_hardware(max_vram_bytes=max_vram_bytes(config))
     table.add_row("backend", f"{hardware.backend} ({hardware.device_name})")
+    if binaries is not None:
+        _doctor_backends(table, binaries.llama_server, hardware.backend)
     table.add_row("VRAM budget", f"{hardware.vram_bytes / 2**30:.1f} GiB — {hardware.reason}")
     table.add_row("system RAM", f"{hardware.system_ram_bytes / 2**30:.1f} GiB")
     for what, port in (("API port", config.api.port), ("console port", config.console_port)):
@@ -345,6 +348,24 @@ def doctor(config: Config, console: Console) -> int:
     table.add_row("node key", str(config.key_path))
     console.print(table)
     return EXIT_OK
+
+
+def _doctor_backends(table: Table, llama_server: Path, machine: str) -> None:
+    """Which backend the binaries have, which one a build here would pick, and a mismatch."""
+    from mesh_llm.backend.toolchain import (
+        backend_warning,
+        binaries_backend,
+        probe_toolchains,
+        select_backend,
+    )
+
+    built = binaries_backend(llama_server)
+    found = probe_toolchains()
+    table.add_row("binaries backend", built or "[yellow]unknown[/]")
+    table.add_row("build would use", select_backend(found))
+    warning = backend_warning(built, machine, found)
+    if warning is not None:
+        table.add_row("[yellow]warning[/]", f"[yellow]{warning}[/]")
 
 
 def _tcp_port_free(port: int) -> bool:

@@ -68,7 +68,7 @@ def _fake_binaries(
 
 
 def test_configure_command_is_portable_cpu_with_rpc() -> None:
-    argv = configure_command(SOURCE, BUILD_DIR, cuda=False, metal=False)
+    argv = configure_command(SOURCE, BUILD_DIR, "cpu")
     assert argv[:5] == ["cmake", "-S", str(SOURCE), "-B", str(BUILD_DIR)]
     for flag in (
         "-DGGML_RPC=ON",
@@ -85,14 +85,14 @@ def test_configure_command_is_portable_cpu_with_rpc() -> None:
 
 
 def test_configure_command_with_cuda() -> None:
-    argv = configure_command(SOURCE, BUILD_DIR, cuda=True, metal=False)
+    argv = configure_command(SOURCE, BUILD_DIR, "cuda")
     assert "-DGGML_CUDA=ON" in argv
     assert "-DGGML_RPC=ON" in argv
     assert "-DGGML_NATIVE=OFF" in argv
 
 
 def test_configure_command_metal_variant() -> None:
-    argv = configure_command(SOURCE, BUILD_DIR, cuda=False, metal=True)
+    argv = configure_command(SOURCE, BUILD_DIR, "metal")
     assert "-DGGML_METAL=ON" in argv
     assert "-DGGML_RPC=ON" in argv
     assert "-DGGML_AVX2=ON" not in argv
