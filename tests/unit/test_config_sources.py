@@ -107,3 +107,9 @@ def test_sample_toml_lists_every_key_and_each_default_loads(tmp_path: Path) -> N
     missing = {item.key for item in config_keys() if item.default is not None} - flat
     assert not missing
     assert all(f"`{item.key}`" in render_markdown() for item in config_keys())
+
+
+def test_readme_config_reference_lists_every_key() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    reference = readme.split("## Config reference", 1)[1].split("\n## ", 1)[0]
+    assert not [i.key for i in config_keys() if f"| `{i.key}` |" not in reference]
