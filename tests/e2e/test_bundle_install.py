@@ -3,9 +3,9 @@
 Builds the bundle with the demo model (`bundle/make_bundle.py --with-demo`, reusing the cached
 llama.cpp build), unpacks it, and inside a network namespace with only `lo` up runs its
 `install.sh` (pip --no-index from the bundle's wheels), `mesh-llm doctor`, and a solo node on the
-demo model by catalog name, then a chat and the console page from inside the namespace. The
-node's cache dir is empty, so the llama.cpp it runs can only be the bundled one. Needs root
-(`ip netns`); skipped otherwise.
+demo model by name (the bundled file install.sh put in ~/.models), then a chat and the console
+page from inside the namespace. The node's cache dir is empty, so the llama.cpp it runs can only
+be the bundled one. Needs root (`ip netns`); skipped otherwise.
 """
 
 from __future__ import annotations
@@ -213,7 +213,8 @@ def test_offline_install_doctor_and_solo_node(bundle: Path, namespace: Namespace
     node_log = home / "node.log"
     with node_log.open("wb") as log:
         node = subprocess.Popen(
-            namespace.argv("mesh-llm", "--model", "gemma-3-270m", "--log-format", "json"),
+            # By name, found in ~/.models where install.sh put the bundled demo model.
+            namespace.argv("mesh-llm", "--model", model.stem, "--log-format", "json"),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -115,8 +115,12 @@ def test_cli_service_install_writes_a_user_unit_for_the_node_flags(
     out = capsys.readouterr().out
     assert "systemctl --user enable --now mesh-llm.service" in out
     assert "journalctl --user -u mesh-llm.service" in out
+    assert main(["service", "status", "--user"]) == 0
+    assert f"unit file: {unit} (present)" in capsys.readouterr().out
     assert main(["service", "uninstall", "--user"]) == 0
     assert not unit.exists()
+    assert main(["service", "status", "--user"]) == 0
+    assert "(absent)" in capsys.readouterr().out
 
 
 def test_cli_service_install_without_node_flags_is_a_usage_error(
