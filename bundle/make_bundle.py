@@ -95,9 +95,11 @@ def make_bundle(out: Path, *, with_demo: bool, bin_dir: Path | None) -> Path:
 
 
 def _add_wheels(wheels: Path, build_dir: Path) -> dict[str, str]:
-    """mesh-llm's wheel (python -m build) and wheels of all its runtime dependencies."""
+    """mesh-llm's wheel (python -m build) and wheels of all its runtime dependencies.
+
+    The wheel is built from the sdist, so nothing stale in the checkout's build/ gets in."""
     wheels.mkdir()
-    _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(build_dir), str(REPO)])
+    _run([sys.executable, "-m", "build", "--outdir", str(build_dir), str(REPO)])
     (own,) = build_dir.glob("mesh_llm-*.whl")
     _run([sys.executable, "-m", "pip", "wheel", "--wheel-dir", str(wheels), str(own)])
     packages = {}

@@ -38,7 +38,8 @@ def installed_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with the freshly built wheel (dependencies from the package index)."""
     work = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--outdir", str(work / "dist"), str(REPO)],
+        # sdist, then the wheel from it: nothing stale from the checkout's build/ dir gets in.
+        [sys.executable, "-m", "build", "--outdir", str(work / "dist"), str(REPO)],
         check=True,
         capture_output=True,
         timeout=PIP_TIMEOUT_S,
