@@ -179,14 +179,16 @@ def _set_origin_rpath(path: Path) -> None:
 
 
 def _add_demo(models: Path) -> list[dict[str, object]]:
-    """The demo model file(s), as the demo module installs them into a models dir."""
+    """The demo model file, as the demo module installs it into a models dir (only that file:
+    no lock files, markers or downloads)."""
     from mesh_llm.models import demo
 
     models.mkdir()
-    path = demo.install_demo_model(models, None)
-    for hidden in models.glob(".*"):  # lock files and verification markers
-        hidden.unlink()
-    return [{"file": path.name, "bytes": path.stat().st_size}]
+    with tempfile.TemporaryDirectory(prefix="mesh-llm-demo-") as scratch:
+        installed = demo.install_demo_model(Path(scratch), None)
+        shutil.copy2(installed, models / installed.name)
+    path = models / installed.name
+    return [{"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}]
 
 
 def _unit_template() -> str:
