@@ -41,6 +41,7 @@ bench:
     {{venv}}/python -m tests.bench.bench_console
     {{venv}}/python -m tests.bench.bench_affinity
 
-# Build llama.cpp into bundle/bin and pack a release tarball (filled by the bundle issue).
-bundle:
-    @echo "not implemented yet: see the bundle issue" && exit 1
+# Pack the offline release tarball dist/mesh-llm-<version>-linux-<arch>.tar.gz (--with-demo
+# adds the demo model); reuses the cached llama.cpp build.
+bundle *ARGS:
+    {{venv}}/python bundle/make_bundle.py {{ARGS}}

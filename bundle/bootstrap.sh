@@ -16,6 +16,8 @@ need_apt=()
 command -v cmake >/dev/null || need_apt+=(cmake)
 command -v g++ >/dev/null || need_apt+=(g++)
 command -v make >/dev/null || need_apt+=(make)
+# patchelf only for `just bundle` (RUNPATH of the shipped libraries): never a reason to stop.
+[ "$(id -u)" != 0 ] || command -v patchelf >/dev/null || need_apt+=(patchelf)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "bootstrap: installing ${need_apt[*]} with apt-get" >&2

@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mesh-llm",
         description="Pool machines into one OpenAI-compatible LLM endpoint.",
     )
-    parser.add_argument("--version", action="version", version=f"mesh-llm {__version__}")
+    parser.add_argument(
+        "--version",
+        action="store_true",
+        help="print the package, llama.cpp build, RPC and mesh protocol versions",
+    )
     _add_common(parser)
     node = parser.add_argument_group("node")
     node.add_argument(
@@ -142,7 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=argparse.SUPPRESS, help="API port of the local node (9337)"
     )
     _add_common(drop)
+    _add_admin_commands(sub)
     return parser
+
+
+def _add_admin_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    config = sub.add_parser("config", help="show the effective configuration")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    _add_common(config_sub.add_parser("show", help="every key, its value and where it came from"))
+    service = sub.add_parser("service", help="run this node as a systemd service")
+    service_sub = service.add_subparsers(dest="service_command", metavar="ACTION", required=True)
+    install = service_sub.add_parser(
+        "install",
+        help="write and enable a unit for the node flags (mesh-llm --model X service install, "
+        "or service install -- --model X)",
+    )
+    install.add_argument("node_args", nargs=argparse.REMAINDER, help="node flags after --")
+    uninstall = service_sub.add_parser("uninstall", help="disable and remove the unit")
+    status = service_sub.add_parser("status", help="show the unit and its state")
+    for action in (install, uninstall, status):
+        action.add_argument("--user", action="store_true", help="a user unit (no root needed)")
+        _add_common(action)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -159,7 +183,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
-    flags: dict[str, object] = {
+    return load_config(flags_from_args(args), env)
+
+
+def flags_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """The parsed flags as dotted config keys (None: not given)."""
+    return {
         "models": tuple(args.model) if getattr(args, "model", None) else None,
         "api.port": getattr(args, "port", None),
         "api.host": ALL_INTERFACES if getattr(args, "listen_all", None) else None,
@@ -184,11 +213,11 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str]) -> Config:
         "backend.embeddings": tuple(args.embeddings) if getattr(args, "embeddings", None) else None,
         "net.advertise": tuple(args.advertise) if getattr(args, "advertise", None) else None,
     }
-    return load_config(flags, env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     console = Console()
     try:
@@ -196,6 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mesh_llm.logs import setup_logging
 
         setup_logging(config.log_format, config.verbose)
+        if args.version:
+            from mesh_llm.admin import version_lines
+
+            for line in version_lines(config):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
+            return EXIT_OK
         match args.command:
             case None:
                 if not (config.models or config.join):
@@ -219,12 +254,43 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from mesh_llm.status import drop_model
 
                 return drop_model(config, args.name, console)
+            case "config":
+                from mesh_llm.admin import show_config
+
+                return show_config(config, os.environ, flags_from_args(args), console)
+            case "service":
+                from mesh_llm.admin import run_service
+
+                return run_service(
+                    args.service_command,
+                    user_unit=args.user,
+                    node_argv=_service_node_argv(parser, argv, args),
+                    config=config,
+                    env=os.environ,
+                    console=console,
+                )
         parser.error(f"unknown command {args.command}")
     except MeshError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_FORCED
+
+
+def _service_node_argv(
+    parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace
+) -> list[str]:
+    """The node flags for `service install`: those before `service` and those after `--`."""
+    if args.service_command != "install":
+        return []
+    extra = list(args.node_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    node_argv = argv[: argv.index("service")] + extra
+    node = parser.parse_args(node_argv)
+    if node.command is not None or not (node.model or node.join):
+        parser.error("service install needs node flags: mesh-llm service install -- --model X")
+    return node_argv
 
 
 def run_node(config: Config, console: Console) -> int:
@@ -305,6 +371,8 @@ def doctor(config: Config, console: Console) -> int:
         )
     hardware = detect_hardware(max_vram_bytes=max_vram_bytes(config))
     table.add_row("backend", f"{hardware.backend} ({hardware.device_name})")
+    if binaries is not None:
+        _doctor_backends(table, binaries.llama_server, hardware.backend)
     table.add_row("VRAM budget", f"{hardware.vram_bytes / 2**30:.1f} GiB — {hardware.reason}")
     table.add_row("system RAM", f"{hardware.system_ram_bytes / 2**30:.1f} GiB")
     for what, port in (("API port", config.api.port), ("console port", config.console_port)):
@@ -313,6 +381,24 @@ def doctor(config: Config, console: Console) -> int:
     table.add_row("node key", str(config.key_path))
     console.print(table)
     return EXIT_OK
+
+
+def _doctor_backends(table: Table, llama_server: Path, machine: str) -> None:
+    """Which backend the binaries have, which one a build here would pick, and a mismatch."""
+    from mesh_llm.backend.toolchain import (
+        backend_warning,
+        binaries_backend,
+        probe_toolchains,
+        select_backend,
+    )
+
+    built = binaries_backend(llama_server)
+    found = probe_toolchains()
+    table.add_row("binaries backend", built or "[yellow]unknown[/]")
+    table.add_row("build would use", select_backend(found))
+    warning = backend_warning(built, machine, found)
+    if warning is not None:
+        table.add_row("[yellow]warning[/]", f"[yellow]{warning}[/]")
 
 
 def _tcp_port_free(port: int) -> bool:

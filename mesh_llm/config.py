@@ -188,7 +188,14 @@ def load_config(
     values: dict[str, object] = {}
     home = Path(str(flags.get("home_dir") or env.get("MESH_LLM_HOME") or Config().home_dir))
     values["home_dir"] = home
-    values.update(_read_file(home / "config.toml"))
+    file_path = home / "config.toml"
+    file_values = _read_file(file_path)
+    if file_values:
+        # Lazy: it imports this module. Names the file line of a bad key or value.
+        from mesh_llm.config_sources import check_file_values
+
+        check_file_values(file_path, file_values)
+    values.update(file_values)
     for name, key in ENV_KEYS.items():
         if name in env:
             values[key] = env[name]

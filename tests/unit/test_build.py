@@ -35,6 +35,7 @@ def _bundle_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point the bundle at an empty tmp dir so a real bundle never leaks into a test."""
     bundle = tmp_path / "bundle" / "bin"
     monkeypatch.setattr(build, "BUNDLE_BIN_DIR", bundle)
+    monkeypatch.setattr(build, "INSTALLED_BIN_DIR", tmp_path / "venv" / "share" / "bin")
     return bundle
 
 
@@ -67,7 +68,7 @@ def _fake_binaries(
 
 
 def test_configure_command_is_portable_cpu_with_rpc() -> None:
-    argv = configure_command(SOURCE, BUILD_DIR, cuda=False, metal=False)
+    argv = configure_command(SOURCE, BUILD_DIR, "cpu")
     assert argv[:5] == ["cmake", "-S", str(SOURCE), "-B", str(BUILD_DIR)]
     for flag in (
         "-DGGML_RPC=ON",
@@ -84,14 +85,14 @@ def test_configure_command_is_portable_cpu_with_rpc() -> None:
 
 
 def test_configure_command_with_cuda() -> None:
-    argv = configure_command(SOURCE, BUILD_DIR, cuda=True, metal=False)
+    argv = configure_command(SOURCE, BUILD_DIR, "cuda")
     assert "-DGGML_CUDA=ON" in argv
     assert "-DGGML_RPC=ON" in argv
     assert "-DGGML_NATIVE=OFF" in argv
 
 
 def test_configure_command_metal_variant() -> None:
-    argv = configure_command(SOURCE, BUILD_DIR, cuda=False, metal=True)
+    argv = configure_command(SOURCE, BUILD_DIR, "metal")
     assert "-DGGML_METAL=ON" in argv
     assert "-DGGML_RPC=ON" in argv
     assert "-DGGML_AVX2=ON" not in argv
@@ -180,6 +181,18 @@ def test_bundle_wins_over_cache(cache_dir: Path, _bundle_dir: Path) -> None:
     found = find_binaries(BackendConfig(), cache_dir)
     assert found is not None
     assert (found.source, found.build_id) == ("bundle", "b-bundle")
+
+
+def test_installed_bundle_in_the_venv_wins_over_cache(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    installed = tmp_path / "venv" / "share" / "mesh-llm" / "llama.cpp" / "bin"
+    monkeypatch.setattr(build, "INSTALLED_BIN_DIR", installed)
+    _fake_binaries(cache_bin_dir(cache_dir), "b-cache")
+    _fake_binaries(installed, "b-installed")
+    found = find_binaries(BackendConfig(), cache_dir)
+    assert found is not None
+    assert (found.source, found.build_id) == ("bundle", "b-installed")
 
 
 def test_bin_dir_wins_over_cache(tmp_path: Path, cache_dir: Path) -> None:

@@ -1,0 +1,176 @@
+"""The config reference: every key of `Config` with its type, default and meaning.
+
+`config_keys()` walks the dataclasses of `config.py`, so a key exists here exactly when the
+loader accepts it; `DESCRIPTIONS` says what each means (a unit test fails when one is missing).
+`render_sample_toml()` writes the sample `config.toml` shipped in the release bundle and
+`render_markdown()` the README table. Pure: reads no file and no environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from mesh_llm.config import ENV_KEYS, Config
+
+DESCRIPTIONS: dict[str, str] = {
+    "home_dir": "node key, mesh state and config.toml (only from MESH_LLM_HOME, not the file)",
+    "models_dir": "where models are found and downloaded",
+    "cache_dir": "llama.cpp build cache",
+    "models": "models to serve (like --model; the first is served, the rest wanted)",
+    "join": "invite tokens of the mesh to join (like --join)",
+    "client": "passive client: API only, no model, no GPU",
+    "ephemeral_key": "a fresh node key every start instead of home_dir/key",
+    "console_port": "console and /api/status port",
+    "log_format": '"pretty" or "json"',
+    "verbose": "log verbosity: 0 info, 1 debug, 2 debug with libraries",
+    "shutdown_grace_s": "seconds a stopping node waits for requests and children",
+    "api.host": "API bind address (--listen-all: 0.0.0.0)",
+    "api.port": "API port",
+    "api.max_body_bytes": "largest request body accepted (bytes)",
+    "api.retry_after_s": "Retry-After of a 503 while models load (seconds)",
+    "api.upstream_connect_timeout_s": "connecting to a llama-server or another host (seconds)",
+    "api.first_byte_timeout_s": "waiting for an answer's first byte (seconds)",
+    "api.idle_chunk_timeout_s": "longest gap between two chunks of a streamed answer (seconds)",
+    "api.api_key": "bearer token every API request must carry; unset = open",
+    "api.queue_depth": "requests one local model may have in flight; more get 429",
+    "api.busy_retry_after_s": "Retry-After of a 429 (seconds)",
+    "api.max_header_line_bytes": "longest request or header line (bytes)",
+    "api.max_header_field_bytes": "longest header field (bytes)",
+    "api.max_headers": "most header fields in a request",
+    "backend.bin_dir": "directory with llama-server and ggml-rpc-server",
+    "backend.llama_server_path": "the llama-server program",
+    "backend.rpc_server_path": "the ggml-rpc-server program",
+    "backend.ctx_size": "context size of llama-server (tokens)",
+    "backend.threads": "CPU threads of llama-server; unset = llama.cpp's choice",
+    "backend.health_timeout_s": "a model load may take this long (seconds)",
+    "backend.health_poll_interval_s": "how often a loading llama-server is polled (seconds)",
+    "backend.stop_grace_s": "a child gets this long after SIGTERM before SIGKILL (seconds)",
+    "backend.restart_backoff_initial_s": "first delay before restarting a crashed backend (s)",
+    "backend.restart_backoff_max_s": "longest delay between backend restarts (seconds)",
+    "backend.restart_backoff_reset_after_s": "a backend up this long resets the backoff (s)",
+    "backend.extra_args": "extra llama-server arguments (list of strings)",
+    "backend.draft_path": "draft model for speculative decoding (like --draft)",
+    "backend.no_draft": "never use a draft model",
+    "backend.max_vram_gb": "cap on the VRAM this node offers (GB, 1e9 bytes)",
+    "backend.split": "split the model over rpc workers even when it fits",
+    "net.bind_host": "QUIC bind address",
+    "net.bind_port": "QUIC UDP port; 0 = any free port",
+    "net.advertise": "extra host:port addresses put in the invite token",
+    "net.fast_lane_port": "fast-lane TCP port; 0 = any free port",
+    "net.fast_lane_advertise_port": "fast-lane port put in this node's record; 0 = the bound one",
+    "net.fast_lane_connect_timeout_s": "connecting a fast lane (seconds)",
+    "net.api_fast_lane": "send API requests to other hosts over the fast lane",
+    "net.dial_timeout_s": "QUIC connect to a peer (seconds)",
+    "net.hello_timeout_s": "admission hello exchange (seconds)",
+    "net.join_backoff_initial_s": "first delay before retrying a join (seconds)",
+    "net.join_backoff_max_s": "longest delay between join retries (seconds)",
+    "net.route_refresh_s": "a client refreshes its routing table this often (seconds)",
+    "net.route_request_timeout_s": "asking a peer for its routing table (seconds)",
+    "net.status_request_timeout_s": "asking a peer for its status (seconds)",
+    "mesh.gossip_interval_s": "gossip round period (seconds)",
+    "mesh.gossip_fanout": "peers contacted per gossip round",
+    "mesh.heartbeat_interval_s": "heartbeat period (seconds)",
+    "mesh.suspect_after_s": "silence before a peer is suspected (seconds)",
+    "mesh.dead_after_s": "silence before a peer is declared dead (seconds)",
+    "mesh.probe_timeout_s": "an indirect probe of a suspect peer (seconds)",
+    "mesh.dead_ttl_s": "how long a dead peer is remembered (seconds)",
+    "mesh.max_direct_peers": "most peers dialled directly",
+    "mesh.rtt_republish_ratio": "RTT change (fraction) that republishes the node record",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigKey:
+    """One config.toml key: dotted name, type as written in TOML, default, env variable."""
+
+    key: str
+    type_name: str
+    default: object
+    env: str | None
+    description: str
+    hint: object  # the annotation the loader coerces to
+
+
+def config_keys() -> Iterator[ConfigKey]:
+    """Every key the loader accepts, in dataclass order."""
+    env_of = {key: name for name, key in ENV_KEYS.items()}
+    env_of["home_dir"] = "MESH_LLM_HOME"
+    for key, hint, default in _walk(Config, Config(), ""):
+        description = DESCRIPTIONS.get(key, "")
+        yield ConfigKey(key, _type_name(hint), default, env_of.get(key), description, hint)
+
+
+def toml_value(value: object) -> str:
+    """A default as TOML text; None is shown as a comment because TOML has no null."""
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Path):
+        return json.dumps(str(value).replace(str(Path.home()), "~", 1))
+    if isinstance(value, tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value)
+
+
+def render_sample_toml() -> str:
+    """A config.toml with every key commented out at its default, grouped by table."""
+    out = [
+        "# mesh-llm configuration: ~/.mesh-llm/config.toml (or $MESH_LLM_HOME/config.toml).",
+        "# Precedence: defaults < this file < MESH_LLM_* environment < command-line flags.",
+        "# Every key is shown commented out at its default; `mesh-llm config show` prints the",
+        "# effective values and where each came from.",
+    ]
+    table = ""
+    for item in config_keys():
+        head, _, name = item.key.rpartition(".")
+        if head != table:
+            table = head
+            out += ["", f"[{table}]"]
+        out.append("")
+        env = f"; env {item.env}" if item.env else ""
+        out.append(f"# {item.description} ({item.type_name}{env})")
+        value = toml_value(item.default)
+        out.append(f"# {name} = {value}" if item.default is not None else f"# {name} =")
+    return "\n".join(out) + "\n"
+
+
+def render_markdown() -> str:
+    """The config reference as a Markdown table."""
+    rows = ["| key | type | default | env | meaning |", "| --- | --- | --- | --- | --- |"]
+    for item in config_keys():
+        env = f"`{item.env}`" if item.env else ""
+        rows.append(
+            f"| `{item.key}` | {item.type_name} | `{toml_value(item.default)}` | {env} "
+            f"| {item.description} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def _walk(cls: type[Any], instance: object, prefix: str) -> Iterator[tuple[str, Any, object]]:
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(hint):
+            yield from _walk(hint, value, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        else:
+            yield f"{prefix}{f.name}", hint, value
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return " or ".join(json.dumps(a) for a in get_args(hint))
+    text = str(hint).replace("typing.", "").replace("pathlib.", "")
+    text = text.replace("<class '", "").replace("'>", "")
+    replacements = {"Path": "path", "tuple[str, ...]": "list of strings"}
+    for old, new in replacements.items():
+        text = text.replace(old, new)
+    return text.replace(" | None", " (optional)")
