@@ -43,6 +43,9 @@ class ApiConfig:
     max_header_line_bytes: int = 8190
     max_header_field_bytes: int = 8190
     max_headers: int = 128
+    # A client must send its whole request body within this (a slow sender holds a handler
+    # task and a buffer; past it: 408 and the connection is closed).
+    body_read_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
