@@ -39,6 +39,11 @@ bench:
     {{venv}}/python -m tests.bench.bench_split
     {{venv}}/python -m tests.bench.bench_proxy
 
+# The load test for 30 minutes instead of 60 s: 200 concurrent streams through a client node
+# (not in CI; prints requests/s, TTFB p50/p99 and the nodes' RSS before/after).
+soak:
+    MESH_LLM_SOAK_S=1800 {{venv}}/python -m pytest tests/e2e/test_load.py -s --timeout 2400
+
 # Build llama.cpp into bundle/bin and pack a release tarball (filled by the bundle issue).
 bundle:
     @echo "not implemented yet: see the bundle issue" && exit 1
