@@ -6,8 +6,8 @@ port; QUIC connections that pass the TLS handshake but never send a hello, open 
 streams with random bytes and never finish them; a flood of TCP connections to the fast lane
 with random bytes, half-open ones that send nothing, and TLS that never completes. Meanwhile and
 after: A keeps answering its API and serving B (a chat through B reaches A's model), B still
-sees A alive, A's memory stays within a stated bound, and A logs no traceback and at most a line or so per bad
-connection.
+sees A alive, A's memory stays within a stated bound, and A logs no traceback and at most two
+lines per bad connection.
 """
 
 from __future__ import annotations
