@@ -324,6 +324,8 @@ def test_03_forced_split_with_a_draft_model(nodes: Nodes, demo_models_dir: Path)
     argv = seed.llama_argv()
     assert argv_value(argv, "-md") == str(draft), argv
     assert [p.name() for p in worker.descendants()] == ["ggml-rpc-server"]
+    roles = [p["record"]["serving"].get(FIRST_NAME, {}) for p in seed.status()["peers"]]
+    assert [r.get("role") for r in roles] == ["worker"], roles
     assert chat(seed, FIRST_NAME).strip()
     assert seed.status()["is_host"] is True and worker.status()["is_host"] is False
 
