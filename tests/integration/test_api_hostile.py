@@ -5,7 +5,8 @@ limits on a thread of its own, so hypothesis can throw raw HTTP requests at it f
 random methods, paths, headers, bodies (JSON or not) and sizes. Whatever comes in: never a 500,
 never a dead server, and every error is OpenAI-shaped JSON. A malformed request line, header or
 chunked body gets 400 and one WARNING line (not aiohttp's ERROR traceback); a client that sends
-its body too slowly gets 408 after `body_read_timeout_s` instead of holding its handler forever.
+its body too slowly gets 408 after `body_read_timeout_s` instead of holding its handler forever,
+and one that never finishes its head is closed after `head_and_idle_timeout_s`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import select
 import socket
 import threading
 import time
@@ -33,12 +35,14 @@ from mesh_llm.logs import BAD_REQUEST_FILTER, HTTP_SERVER_LOGGER
 from tests.fakes.fake_llama import MODEL_ID, FakeLlama, serve
 
 BODY_TIMEOUT_S = 1.0
+HEAD_TIMEOUT_S = 2.0
 CONFIG = ApiConfig(
     port=0,
     max_body_bytes=256 * 1024,
     first_byte_timeout_s=5.0,
     idle_chunk_timeout_s=5.0,
     body_read_timeout_s=BODY_TIMEOUT_S,
+    head_and_idle_timeout_s=HEAD_TIMEOUT_S,
 )
 PATHS = [
     "/v1/chat/completions",
@@ -265,3 +269,24 @@ def test_a_slow_body_is_cut_off_with_408(api: ApiThread) -> None:
     body: dict[str, Any] = json.loads(data.partition(b"\r\n\r\n")[2])
     assert body["error"]["code"] == "body_timeout"
     assert BODY_TIMEOUT_S - 0.1 <= elapsed < BODY_TIMEOUT_S + 5, elapsed
+
+
+def test_a_slow_head_is_cut_off(api: ApiThread) -> None:
+    """Slowloris on the head: a header byte every 0.3 s never completes the request; the
+    connection is closed after `head_and_idle_timeout_s` however long the trickle goes on."""
+    started = time.monotonic()
+    closed_after = None
+    with socket.create_connection(("127.0.0.1", api.port), timeout=1) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        while time.monotonic() - started < HEAD_TIMEOUT_S + 8:
+            try:
+                sock.sendall(b"a")
+                readable, _, _ = select.select([sock], [], [], 0.3)
+                if readable and sock.recv(1024) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except (ConnectionResetError, BrokenPipeError):  # reset by the server
+                closed_after = time.monotonic() - started
+                break
+    assert closed_after is not None, "the server kept the slow connection open"
+    assert HEAD_TIMEOUT_S - 0.1 <= closed_after < HEAD_TIMEOUT_S + 3, closed_after
