@@ -51,6 +51,12 @@ class ApiConfig:
     affinity_ttl_s: float = 600.0
     affinity_chunk_chars: int = 512
     affinity_max_chars: int = 128 * 1024
+    # A client must send its whole request body within this (a slow sender holds a handler
+    # task and a buffer; past it: 408 and the connection is closed).
+    body_read_timeout_s: float = 30.0
+    # A connection whose request head has not fully arrived (slowloris), or that sits idle
+    # between keep-alive requests, is closed after this.
+    head_and_idle_timeout_s: float = 75.0
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():

@@ -15,6 +15,7 @@ import time
 from contextvars import ContextVar
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
 from rich.console import Console
 from rich.logging import RichHandler
 
@@ -36,6 +37,28 @@ class RequestIdFilter(logging.Filter):
         if request_id is not None and not hasattr(record, "request_id"):
             record.request_id = request_id
         return True
+
+
+class BadRequestFilter(logging.Filter):
+    """aiohttp logs a malformed request (request line, header, chunked body) at ERROR with a
+    traceback; one WARNING line with the client and the reason says all there is to say."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = " ".join(str(exc.message).split())[:200]
+            record.msg = "bad HTTP request from %s: %s (answered %d)"
+            args = record.args if isinstance(record.args, tuple) and record.args else ("?",)
+            record.args = (args[0], reason, exc.code)
+            record.exc_info = None
+            record.exc_text = None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+BAD_REQUEST_FILTER = BadRequestFilter()
+HTTP_SERVER_LOGGER = "aiohttp.server"
 
 
 class _LineFormatter(logging.Formatter):
@@ -84,5 +107,8 @@ def setup_logging(log_format: LogFormat, verbose: int) -> None:
     handler.addFilter(RequestIdFilter())
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose > 0 else logging.INFO)
+    server = logging.getLogger(HTTP_SERVER_LOGGER)
+    if BAD_REQUEST_FILTER not in server.filters:
+        server.addFilter(BAD_REQUEST_FILTER)
     for name in _NOISY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)

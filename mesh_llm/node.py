@@ -264,6 +264,7 @@ class Node:
                 "version": __version__,
             },
             "token": self.token,
+            "is_host": self._is_host(),
             "models": [
                 {
                     "name": m.name,
@@ -435,6 +436,13 @@ class Node:
 
     def _metric_sources(self) -> MetricSources:
         return MetricSources(peer_count=self._linked_peers, tunnel_bytes=self._tunnel_bytes)
+
+    def _is_host(self) -> bool:
+        """This node hosts a model (solo or a split) in its own published serving map."""
+        own = next((r for r in self._known_records() if r.node_id == self._node_id()), None)
+        return own is not None and any(
+            info.role == "host" and info.host == own.node_id for info in own.serving.values()
+        )
 
     def _role(self) -> str:
         if self._config.client:

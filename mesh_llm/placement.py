@@ -66,6 +66,7 @@ class Placement:
         self._id = node_id
         self._make_server = make_server
         self._said_standby = False
+        self._said_still_host = False
         self._config = config
         self._mesh = mesh
         self._server = server
@@ -212,7 +213,10 @@ class Placement:
             and self._serving is not None
             and plan_is_stable(self._plan, plan)
         ):
-            log.debug("still host, no restart needed")
+            # INFO once per launch (a person checks it after a re-election), DEBUG after that.
+            level = logging.DEBUG if self._said_still_host else logging.INFO
+            log.log(level, "still host, no restart needed", extra={"event": "still_host"})
+            self._said_still_host = True
             return
         await self._stop_serving()
         endpoints = [f"127.0.0.1:{await self._tunnels.open(NodeId(w))}" for w in plan.workers]
@@ -224,6 +228,7 @@ class Placement:
             # with -ngl (which offloads the output layer to the worker) or with -ot
             # (tests/bench/bench_split.py).
             endpoints.append(f"127.0.0.1:{await self._local_rpc_port()}")
+        self._said_still_host = False
         log.info(
             "host of %s: %s",
             plan.model,

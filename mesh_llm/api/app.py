@@ -14,6 +14,7 @@ Request ids, the API key, head limits, the queue depth (429) and `/metrics` come
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -87,7 +88,7 @@ def create_app(
     for path in PROXIED_PATHS:
         app.router.add_post(path, api.proxy)
     if mesh is not None:
-        app.router.add_post(DROP_PATH, _drop_handler(mesh))
+        app.router.add_post(DROP_PATH, _drop_handler(mesh, config))
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.cleanup_ctx.append(client_session)
@@ -124,6 +125,9 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
         response = web.json_response(
             error_body(400, str(exc), "invalid_request", exc.param), status=400
         )
+    except BodyTimeout as exc:
+        response = json_error(408, str(exc), "body_timeout")
+        response.force_close()
     except web.HTTPRequestEntityTooLarge as exc:
         response = json_error(400, f"request body too large: {exc.text}", "body_too_large")
     except web.HTTPException as exc:
@@ -138,12 +142,27 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
     return response
 
 
-def _drop_handler(mesh: MeshAccess) -> Handler:
+class BodyTimeout(Exception):
+    """The client did not send its request body within `body_read_timeout_s`."""
+
+
+async def read_body(request: web.Request, config: ApiConfig) -> bytes:
+    """The whole request body; raises `BodyTimeout` past `config.body_read_timeout_s`."""
+    try:
+        async with asyncio.timeout(config.body_read_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise BodyTimeout(
+            f"the request body did not arrive within {config.body_read_timeout_s:g} s"
+        ) from None
+
+
+def _drop_handler(mesh: MeshAccess, config: ApiConfig) -> Handler:
     async def drop(request: web.Request) -> web.StreamResponse:
         if request.remote not in LOOPBACK_PEERS:
             return json_error(403, "/mesh/drop is only answered on loopback", "forbidden")
         try:
-            body = json.loads(await request.read())
+            body = json.loads(await read_body(request, config))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
         model = body.get("model") if isinstance(body, dict) else None
@@ -183,7 +202,7 @@ class _Api:
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         request_id = request_id_of(request)
-        raw = await request.read()
+        raw = await read_body(request, self._config)
         try:
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

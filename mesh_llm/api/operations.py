@@ -39,14 +39,18 @@ class HttpLimits(TypedDict):
     max_line_size: int
     max_field_size: int
     max_headers: int
+    keepalive_timeout: float
 
 
 def http_limits(config: ApiConfig) -> HttpLimits:
-    """The head limits of the API's server (over a limit: 400 before any handler runs)."""
+    """The head limits of the API's server (over a limit: 400 before any handler runs), and
+    how long a connection may take to send its head or sit idle (aiohttp arms its keep-alive
+    timer when the connection opens)."""
     return HttpLimits(
         max_line_size=config.max_header_line_bytes,
         max_field_size=config.max_header_field_bytes,
         max_headers=config.max_headers,
+        keepalive_timeout=config.head_and_idle_timeout_s,
     )
 
 

@@ -99,6 +99,18 @@ MeshOutput = MeshEvent | MeshCommand
 _RESERVED_PREFIXES = (BUCKET_PREFIX, COVER_PREFIX)  # digest keys, never node ids
 
 
+# No machine has more: a record claiming more VRAM is capped here so that one liar cannot win
+# every election or swallow every split (1 PiB).
+MAX_VRAM_BYTES = 1 << 50
+
+
+def _capped(record: NodeRecord) -> NodeRecord:
+    """`record` with absurd claims brought back to plausible bounds."""
+    if 0 <= record.vram_bytes <= MAX_VRAM_BYTES:
+        return record
+    return replace(record, vram_bytes=min(max(record.vram_bytes, 0), MAX_VRAM_BYTES))
+
+
 def _advance(due: float, period: float, now: float) -> float:
     """The next period boundary after `due`, never in the past (no burst after a stall)."""
     due += period
@@ -262,7 +274,7 @@ class MeshCore:
             case Digest():
                 self._on_digest(peer, msg)
             case Records():
-                self._on_records(msg, now)
+                self._on_records(peer, msg, now)
             case Want():
                 self._on_want(peer, msg)
             case Ping():
@@ -296,12 +308,19 @@ class MeshCore:
         if answer.want:
             self._send(peer, Want(answer.want))
 
-    def _on_records(self, msg: Records, now: float) -> None:
+    def _on_records(self, sender: str, msg: Records, now: float) -> None:
         for record in msg.records:
             if record.node_id == self.node_id:
                 self._on_own_record(record)
+            elif record.node_id != sender and record.node_id in self._links:
+                # A node we are linked with is the authority on its own record: a newer copy
+                # from anyone else (a relay after a lost push, or a forgery) is not stored but
+                # makes us ask the node itself.
+                current = self._records.get(record.node_id)
+                if current is None or record.version > current.version:
+                    self._send(record.node_id, Want((record.node_id,)))
             else:
-                self._accept(record, now)
+                self._accept(_capped(record), now)
 
     def _on_want(self, peer: str, msg: Want) -> None:
         wanted = (self._records.get(node_id) for node_id in msg.node_ids)
@@ -326,6 +345,8 @@ class MeshCore:
         node_id = msg.node_id
         if node_id == self.node_id or node_id in self._dead:
             return
+        if node_id != sender and node_id in self._links:
+            return  # a leaver tells its linked peers itself; a relayed copy is not trusted
         link = self._links.pop(node_id, None)
         record = self._forget(node_id, now)
         if link is None and record is None:

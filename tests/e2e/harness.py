@@ -68,6 +68,11 @@ class MeshProcess:
     proc: subprocess.Popen[bytes] | None = None
     # The program that runs the node (e.g. an installed venv's `mesh-llm` script).
     command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "mesh_llm"])
+    # False: start without --port/--console, so the node picks its defaults (then set `port`
+    # and `console_port` to those defaults so the helpers below reach it).
+    pass_ports: bool = True
+    # Log file name inside `home`: two nodes sharing one home need two logs.
+    log_name: str = "node.log"
 
     @property
     def base_url(self) -> str:
@@ -75,14 +80,17 @@ class MeshProcess:
 
     @property
     def log_path(self) -> Path:
-        return self.home / "node.log"
+        return self.home / self.log_name
 
     def start(self) -> MeshProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MESH_LLM_HOME": str(self.home), **self.env}
         env.pop("MESH_LLM_PORT", None)
-        argv = [*self.command, *self.args, "--port", str(self.port)]
-        argv += ["--console", str(self.console_port)]
+        argv = [*self.command, *self.args]
+        if self.pass_ports:
+            argv += ["--port", str(self.port), "--console", str(self.console_port)]
+        else:
+            env.pop("MESH_LLM_CONSOLE_PORT", None)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         return self

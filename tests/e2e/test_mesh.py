@@ -16,7 +16,6 @@ from pathlib import Path
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
-from openai import OpenAI
 
 from mesh_llm.backend.build import Binaries
 from tests.e2e.harness import MeshProcess, free_tcp_port, http_status, wait_until
@@ -204,45 +203,6 @@ def test_two_nodes_with_the_same_key_are_detected(mesh: Mesh) -> None:
     assert seed.status()["peers"] == []
 
 
-def test_forced_split_serves_through_the_rpc_tunnel(mesh: Mesh) -> None:
-    """Scenario 3: the node with more VRAM hosts, the other lends VRAM through an rpc-server."""
-    seed, token = mesh.seed("seed", "--split", model=GEMMA.catalog)
-    worker = mesh.start("worker", "--model", GEMMA.catalog, "--join", token, "--max-vram", "1")
-    # Alone, the host serves solo; once the worker is up it restarts split over the tunnel.
-    wait_until(lambda: "--rpc" in seed.llama_argv(), 120, "a split llama-server")
-    seed.wait_ready(timeout_s=240)
-    argv = seed.llama_argv()
-    rpc = argv[argv.index("--rpc") + 1].split(",")
-    split = [float(x) for x in argv[argv.index("--tensor-split") + 1].split(",")]
-    assert len(rpc) == 2 and len(split) == 2  # the worker's tunnel, then the host's own share
-    assert split[0] < 0.1 < 0.9 < split[1] and abs(sum(split) - 1) < 1e-9
-    assert [p.name() for p in worker.descendants()] == ["ggml-rpc-server"]
-    status = seed.status()
-    roles = {p["short_id"]: p["record"]["serving"] for p in status["peers"]}
-    assert any(s.get(GEMMA.name, {}).get("role") == "worker" for s in roles.values())
-    with OpenAI(base_url=seed.base_url + "/v1", api_key="unused") as client:
-        reply = client.chat.completions.create(
-            model=GEMMA.name,
-            messages=[{"role": "user", "content": "Say hello."}],
-            max_tokens=8,
-        )
-        assert reply.usage is not None and reply.usage.completion_tokens > 0
-
-
-def test_model_too_big_waits_then_splits_when_vram_joins(mesh: Mesh) -> None:
-    """Scenario 4: not enough VRAM ⇒ 503 with the reason; a standby node joins ⇒ split."""
-    seed, token = mesh.seed("seed", "--max-vram", "0.2", model=GEMMA.catalog)
-    wait_until(lambda: "Waiting for more peers" in seed.log_text(), 60, "waiting message")
-    status = http_status(seed.base_url + "/readyz")
-    assert status == 503
-    reasons = [m["reason"] for m in seed.status()["models"]]
-    assert any(r.startswith("Waiting for more peers — need 0.4 GB, have 0.2 GB") for r in reasons)
-    mesh.start("helper", "--join", token)  # no --model: standby, so a worker candidate
-    seed.wait_ready(timeout_s=120)
-    argv = seed.llama_server().cmdline()
-    assert "--rpc" in argv and "--tensor-split" in argv
-
-
 def test_worker_death_replans_to_solo(mesh: Mesh) -> None:
     seed, token = mesh.seed("seed", "--split", model=GEMMA.catalog)
     worker = mesh.start("worker", "--join", token)  # standby worker
@@ -256,60 +216,6 @@ def test_worker_death_replans_to_solo(mesh: Mesh) -> None:
         "the host to re-plan solo and serve again",
     )
     assert seed.llama_server().pid != first
-
-
-def test_joiner_without_model_serves_a_wanted_model_on_its_disk(
-    mesh: Mesh, tmp_path: Path, demo_models_dir: Path
-) -> None:
-    """Scenario 7: the seed wants two models; a joiner with the second on disk serves it."""
-    seed, token = mesh.seed("seed", "--model", GEMMA.catalog)
-    own_models = tmp_path / "joiner-models"
-    own_models.mkdir()
-    os.link(demo_models_dir / GEMMA.file, own_models / GEMMA.file)  # only the second model
-    bin_dir = mesh.common[mesh.common.index("--bin-dir") + 1]
-    joiner = MeshProcess(
-        tmp_path / "joiner",
-        ["--join", token, "--models-dir", str(own_models), "--bin-dir", bin_dir],
-    )
-    mesh.nodes.append(joiner.start())
-    wait_until(
-        lambda: (
-            f"Assigned to serve {GEMMA.name} (needed by mesh, already on disk)" in joiner.log_text()
-        ),
-        30,
-        "the assignment",
-    )
-    joiner.wait_ready(timeout_s=120)
-    models = {m["name"]: m["state"] for m in joiner.status()["models"]}
-    assert models[GEMMA.name] == "ready"
-    wait_until(
-        lambda: any(
-            p["record"]["serving"].get(GEMMA.name, {}).get("ready") for p in seed.status()["peers"]
-        ),
-        30,
-        "the seed to see gemma-3-270m served",
-    )
-
-
-def test_two_nodes_with_a_fitting_model_are_replicas(mesh: Mesh) -> None:
-    """Scenario 2: both serve the model solo, each its own host."""
-    seed, token = mesh.seed()
-    other = mesh.start("other", "--model", SMOLLM2.catalog, "--join", token)
-    seed.wait_ready()
-    other.wait_ready()
-    for node in (seed, other):
-        assert "--rpc" not in node.llama_argv()
-    wait_until(
-        lambda: any(
-            p["record"]["serving"].get(SMOLLM2.name, {}).get("role") == "host"
-            for p in seed.status()["peers"]
-        ),
-        30,
-        "the other host in the seed's view",
-    )
-    time.sleep(6)  # several gossip rounds and re-plans: none may restart a backend
-    for node in (seed, other):
-        assert node.log_text().count("llama-server started") == 1, node.log_text()
 
 
 def test_standby_is_promoted_when_the_only_host_of_a_wanted_model_dies(
