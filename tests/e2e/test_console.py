@@ -41,14 +41,15 @@ from playwright.sync_api import (
 from mesh_llm.backend.build import Binaries
 from mesh_llm.core.mesh import MeshTimings
 from tests.e2e.harness import MeshProcess, http_status, wait_until
+from tests.e2e.models import GEMMA, SMOLLM2
 
 pytestmark = pytest.mark.e2e
 
-# The two models of the mesh, in one place: A serves the demo model, B the same file under a
-# name that is an HTML tag (a model file named `<img src=x onerror=alert(1)>.gguf`).
-MODEL_A = "gemma-3-270m"
+# The two models of the mesh, in one place: A serves the demo model (SmolLM2), B the second
+# real model (gemma-3-270m) from a file named as an HTML tag (`<img src=x onerror=alert(1)>.gguf`).
+MODEL_A = SMOLLM2.catalog
 MODEL_B = "<img src=x onerror=alert(1)>"
-MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+MODEL_FILE = GEMMA.file
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu"]
 WARM_TIMEOUT_S = 60.0
