@@ -105,7 +105,7 @@ class NetConfig:
     bind_host: str = "0.0.0.0"
     bind_port: int = 0  # 0 = any free port; 7842 is the suggestion for port forwarding
     advertise: tuple[str, ...] = ()
-    fast_lane_port: int = 0  # TCP port of the fast lane (DESIGN.md §4); 0 = any free port
+    fast_lane_port: int = 0  # TCP port of the fast lane; 0 = any free port
     # The fast-lane port put in this node's record; 0 = the bound one. Set it when a port
     # forward maps another outside port to it (tests use it to advertise a dead port).
     fast_lane_advertise_port: int = 0
@@ -136,7 +136,8 @@ class Config:
     headless: bool = False  # --headless: no console page (`/` is 404); /api/* stays
     log_format: LogFormat = "pretty"
     verbose: int = 0
-    shutdown_grace_s: float = 10.0
+    shutdown_grace_s: float = 10.0  # in-flight API requests may finish within this on stop
+    shutdown_cutoff_s: float = 1.0  # after the grace: what the HTTP server still waits for
     api: ApiConfig = field(default_factory=ApiConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     net: NetConfig = field(default_factory=NetConfig)

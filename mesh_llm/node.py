@@ -1,11 +1,12 @@
 """The composition root: builds a node from a `Config` and runs it until shutdown.
 
-Startup order (DESIGN.md §2): sweep children left by a dead node → decode join tokens →
+Startup order: sweep children left by a dead node → decode join tokens →
 identity → mesh secret (the token's, or this seeder's own) → bind the QUIC port → print the
 invite token → console (management) and API servers up (503 until a model is ready) → mesh
 (gossip, joining) and the local model server (resolve, llama.cpp, llama-server). Shutdown:
-tell the mesh we leave, stop accepting API requests, let in-flight ones finish within
-`shutdown_grace_s`, stop children, return. Every task lives in one TaskGroup owned by
+refuse new API requests (503), let the ones in flight — local and those served for other
+nodes — finish within `shutdown_grace_s` (`api/drain.py`), tell the mesh we leave, stop
+children, return. Every task lives in one TaskGroup owned by
 `Node.run`; the shutdown trigger is an injected `asyncio.Event`.
 """
 
@@ -30,9 +31,10 @@ from mesh_llm.api.app import INBOUND_KEY, PROXY_KEY, create_app
 from mesh_llm.api.auth import warn_if_exposed
 from mesh_llm.api.console import create_console_app
 from mesh_llm.api.console_view import record_fields
+from mesh_llm.api.drain import Drain, drain_middleware
 from mesh_llm.api.inbound import DROP_PATH
 from mesh_llm.api.metrics import MetricSources
-from mesh_llm.api.openai import error_body
+from mesh_llm.api.openai import PROXIED_PATHS, error_body
 from mesh_llm.api.operations import http_limits
 from mesh_llm.api.proxy import Proxy
 from mesh_llm.api.upstream import UpstreamFailed, open_remote, request_head
@@ -108,6 +110,7 @@ class Node:
         self._shutdown: asyncio.Event | None = None
         self._proxy: Proxy | None = None  # the API's router, shared by the console's chat
         self._demand = DemandMeter()
+        self._drain = Drain()  # API requests in flight, local and for other nodes
 
     # -- ModelDirectory (API) and StatusSource (console) ---------------------------------
 
@@ -262,6 +265,7 @@ class Node:
                 "build_id": binaries.build_id if binaries else "",
                 "rpc_protocol": binaries.rpc_protocol if binaries else "",
                 "version": __version__,
+                "draining": self._drain.draining,
             },
             "token": self.token,
             "is_host": self._is_host(),
@@ -329,41 +333,69 @@ class Node:
         runners = [await self._start_console()]
         try:
             runners.append(await self._start_api())
-            async with asyncio.TaskGroup() as group:
-                mesh_task = group.create_task(self.peers.run())
-                serving = []
-                if core is not None:
-                    assert self._tunnels is not None  # made with the fast lane
-                    self._placement = Placement(
-                        self.identity.node_id,
-                        config,
-                        self.peers,
-                        self._servers[0] if self._servers else None,
-                        self._binaries,
-                        self._tunnels,
-                        make_server=self._assigned_server,
-                    )
-                    self.peers.listeners.on_change.append(self._placement.notify)
-                    placement = self._placement
-                    self.peers.rpc_port = lambda: placement.rpc_port
-                    serving.append(group.create_task(self._placement.run()))
-                    serving.append(group.create_task(self._publish_demand()))
-                await shutdown.wait()
-                log.info("shutting down", extra={"event": "node_stopping"})
-                self._binaries.cancel.set()
-                await self.peers.leave()
-                for runner in runners:
-                    for site in list(runner.sites):
-                        await site.stop()  # no new connections; in-flight ones get the grace
-                if self._placement is not None:
-                    await self._placement.stop()
-                await self._stop_fast_lane()
-                for task in (*serving, mesh_task):
-                    task.cancel()
+            await self._run_tasks(shutdown, runners, serving=core is not None)
+        except ExceptionGroup as failed:  # a task of the node failed: one error for the CLI
+            raise _one_error(failed) from failed
         finally:
             for runner in runners:
                 await runner.cleanup()
         log.info("node stopped", extra={"event": "node_stopped"})
+
+    async def _run_tasks(
+        self, shutdown: asyncio.Event, runners: list[web.AppRunner], *, serving: bool
+    ) -> None:
+        """The node's tasks (mesh, placement, demand) until `shutdown`, then the stop order:
+        drain the API requests in flight, leave the mesh, stop children and lanes."""
+        assert self.identity is not None and self.peers is not None
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self.peers.run())]
+            if serving:
+                assert self._tunnels is not None  # made with the fast lane
+                self._placement = Placement(
+                    self.identity.node_id,
+                    self._config,
+                    self.peers,
+                    self._servers[0] if self._servers else None,
+                    self._binaries,
+                    self._tunnels,
+                    make_server=self._assigned_server,
+                )
+                self.peers.listeners.on_change.append(self._placement.notify)
+                placement = self._placement
+                self.peers.rpc_port = lambda: placement.rpc_port
+                tasks.append(group.create_task(self._placement.run()))
+                tasks.append(group.create_task(self._publish_demand()))
+            await shutdown.wait()
+            self._binaries.cancel.set()
+            await self._drain_requests()
+            await self.peers.leave()
+            for runner in runners:
+                for site in list(runner.sites):
+                    await site.stop()
+            if self._placement is not None:
+                await self._placement.stop()
+            await self._stop_fast_lane()
+            for task in tasks:
+                task.cancel()
+
+    async def _drain_requests(self) -> None:
+        """Refuse new API requests (503) and let the ones in flight — this node's clients' and
+        other nodes' — finish within `shutdown_grace_s`, while the mesh links and the model
+        servers they need are still up."""
+        drain, grace_s = self._drain, self._config.shutdown_grace_s
+        drain.start()
+        log.info(
+            "shutting down: %d request(s) in flight get up to %.0f s",
+            drain.active,
+            grace_s,
+            extra={"event": "node_stopping", "in_flight": drain.active},
+        )
+        if not await drain.wait_idle(grace_s):
+            log.warning(
+                "shutdown grace over: %d request(s) still in flight are cut",
+                drain.active,
+                extra={"event": "drain_expired", "in_flight": drain.active},
+            )
 
     async def _publish_demand(self) -> None:
         """Gossip this node's request rates per model when they changed noticeably."""
@@ -377,15 +409,17 @@ class Node:
 
     def kill_children_now(self) -> None:
         """Forced exit path (second signal): SIGKILL every child at once."""
-        for server in self._servers:
-            pid = server.supervisor.pid if server.supervisor else None
+        pids = [s.supervisor.pid for s in self._servers if s.supervisor is not None]
+        if self._placement is not None:
+            pids += self._placement.rpc_pids()
+        for pid in pids:
             if pid is not None:
                 kill_process_group_now(pid)
 
     # -- helpers --------------------------------------------------------------------------
 
     async def _start_fast_lane(self) -> None:
-        """RPC tunnels to workers, and the fast-lane server that workers' hosts dial (§4, §8)."""
+        """RPC tunnels to workers, and the fast-lane server that workers' hosts dial."""
         assert self.identity is not None and self.peers is not None
         net, peers = self._config.net, self.peers
         self._tunnels = RpcTunnels(
@@ -517,17 +551,22 @@ class Node:
 
     async def _start_api(self) -> web.AppRunner:
         api = self._config.api
+        app = create_app(self, api, mesh=self, sources=self._metric_sources())
+        # Outermost, so a draining node refuses before any other work (frozen at setup).
+        app.middlewares.insert(0, drain_middleware(self._drain, PROXIED_PATHS, api.retry_after_s))
         runner = web.AppRunner(
-            create_app(self, api, mesh=self, sources=self._metric_sources()),
+            app,
             handler_cancellation=True,  # a client that goes away cancels its upstream request
             access_log=None,
-            shutdown_timeout=self._config.shutdown_grace_s,
+            # The drain already gave requests their grace; what is left is cut at once.
+            shutdown_timeout=self._config.shutdown_cutoff_s,
             **http_limits(api),
         )
         await runner.setup()
         self._proxy = runner.app[PROXY_KEY]
         inbound = runner.app[INBOUND_KEY]
         inbound.drop = self.drop_local  # a drop forwarded by another node: never forward again
+        inbound.drain = self._drain
         self._http_lane_handler = inbound.serve_lane
         if self.peers is not None:
             self.peers.http_handler = inbound.serve
@@ -547,6 +586,25 @@ async def _start_site(runner: web.AppRunner, host: str, port: int, flag: str) ->
             f"cannot listen on {host}:{port} ({exc.strerror}); is another mesh-llm running? "
             f"Stop it or pass {flag}"
         ) from exc
+
+
+def _one_error(failed: BaseExceptionGroup[BaseException]) -> MeshError:
+    """The error a failed node task ends the node with: its `MeshError` as is; anything else is
+    a bug, logged here with its traceback and reported as a `MeshError` that says so."""
+    mesh_errors, others = failed.split(MeshError)
+    if others is not None:
+        log.error("a task of the node failed", exc_info=others)
+    leaves = list(_leaves(mesh_errors if mesh_errors is not None else failed))
+    if mesh_errors is not None and isinstance(leaves[0], MeshError):
+        return leaves[0]
+    return MeshError(f"the node stopped after an internal error ({leaves[0]!r}); see the log")
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
 
 
 def _now() -> float:

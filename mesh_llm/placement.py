@@ -11,7 +11,6 @@ needed" otherwise), and republishes this node's serving map so every node sees t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -116,6 +115,11 @@ class Placement:
                 self._changed.clear()
                 await self._replan()
 
+    def rpc_pids(self) -> list[int]:
+        """The pids of this node's rpc-servers (a worker's, the host's own), for a forced exit."""
+        workers = (self._worker, self._local_rpc)
+        return [w.supervisor.pid for w in workers if w is not None and w.supervisor.pid is not None]
+
     async def stop(self) -> None:
         if self._server is not None:
             await self._server.stop()
@@ -149,7 +153,7 @@ class Placement:
         await self._apply_host_role(plan, records)
 
     async def _maybe_assign(self, records: Mapping[str, NodeRecord]) -> None:
-        """A node without --model takes a wanted, unserved model it has on disk (DESIGN §7)."""
+        """A node without --model takes a wanted, unserved model it has on disk."""
         if self._make_server is None or len(records) < 2:
             return
         choice = assign_model(self._id, records)
@@ -266,8 +270,9 @@ class Placement:
         assert self._server is not None
         await self._server.stop()
         self._serving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._serving
+        # Wait for it to end without taking its outcome (the TaskGroup does): a cancel of
+        # Placement itself still propagates from here.
+        await asyncio.wait([self._serving])
         self._serving = None
         if self._plan is not None:
             for worker in self._plan.workers:

@@ -1,1 +1,2 @@
-"""api layer of mesh-llm (see DESIGN.md section 11)."""
+"""api layer of mesh-llm: the OpenAI-compatible HTTP API, routing proxy, requests from other
+nodes, console (layers: docs/architecture.md)."""

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from mesh_llm.api.admission import LocalAdmission
+from mesh_llm.api.drain import SHUTTING_DOWN_CODE, SHUTTING_DOWN_MESSAGE, Drain
 from mesh_llm.api.metrics import CLIENT_CLOSED_STATUS, ERROR_STATUS, ApiMetrics
 from mesh_llm.api.openai import PROXIED_PATHS, InvalidRequest, error_body, validate_request
 from mesh_llm.api.operations import QUEUE_FULL_STATUS, queue_full_message
@@ -66,6 +67,7 @@ class InboundRequests:
         self._session = session
         self._config = config
         self.drop = drop
+        self.drain = Drain()  # the node's: counts the answers in flight, refuses while draining
         self.served = 0
 
     async def serve(self, stream: QuicStream, peer: str) -> None:
@@ -99,7 +101,13 @@ class InboundRequests:
         counted in `/metrics` (`mesh_llm_peer_requests_total`) with the status it got."""
         recorded = _Recorded(stream)
         try:
-            await self._answer(recorded, head, body)
+            if self.drain.draining and head.path in PROXIED_PATHS:
+                retry_after_s = self._config.retry_after_s  # the requester tries a replica
+                message, code = SHUTTING_DOWN_MESSAGE, SHUTTING_DOWN_CODE
+                await _send_error(recorded, 503, message, code, retry_after_s)
+                return
+            with self.drain.track():
+                await self._answer(recorded, head, body)
         except asyncio.CancelledError:
             recorded.status = CLIENT_CLOSED_STATUS  # the requester went away
             raise

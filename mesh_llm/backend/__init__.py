@@ -1,1 +1,2 @@
-"""backend layer of mesh-llm (see DESIGN.md section 11)."""
+"""backend layer of mesh-llm: llama.cpp binaries, hardware, supervised llama-server and
+rpc-server processes (layers: docs/architecture.md)."""

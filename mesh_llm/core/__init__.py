@@ -1,1 +1,2 @@
-"""core layer of mesh-llm (see DESIGN.md section 11)."""
+"""core layer of mesh-llm: sans-I/O gossip, membership, planning and routing; no I/O, no clock
+(layers: docs/architecture.md)."""

@@ -1,4 +1,4 @@
-"""The sans-I/O mesh core: gossip of node records, membership and liveness (DESIGN.md §5).
+"""The sans-I/O mesh core: gossip of node records, membership and liveness.
 
 Inputs: `link_up`/`link_down` (an admitted control link to a peer appeared or closed),
 `receive` (a control message from a linked peer), `tick` (timers), `update_self`, `leave`.
@@ -82,7 +82,7 @@ versions); another live process with our key answers every refutation with a new
 
 @dataclass(frozen=True, slots=True)
 class MeshTimings:
-    """Gossip and liveness parameters (DESIGN.md §5); all durations in seconds."""
+    """Gossip and liveness parameters; all durations in seconds."""
 
     gossip_interval_s: float = 2.0
     gossip_fanout: int = 3

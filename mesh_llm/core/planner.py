@@ -1,4 +1,4 @@
-"""Placement decisions (DESIGN.md §7): fit, host election, workers, tensor split — pure.
+"""Placement decisions: fit, host election, workers, tensor split — pure.
 
 Every node runs these functions on the same gossiped records and reaches the same answer, so
 no extra messages are needed. Inputs are `NodeRecord`s and the model's need (weights + KV cache

@@ -1,1 +1,2 @@
-"""models layer of mesh-llm (see DESIGN.md section 11)."""
+"""models layer of mesh-llm: catalog, resolving and downloading GGUF files, GGUF metadata
+(layers: docs/architecture.md)."""

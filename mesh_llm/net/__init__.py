@@ -1,1 +1,2 @@
-"""net layer of mesh-llm (see DESIGN.md section 11)."""
+"""net layer of mesh-llm: QUIC links, admission, the fast lane, RPC and API transport between
+nodes (layers: docs/architecture.md)."""

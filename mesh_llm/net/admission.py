@@ -1,4 +1,4 @@
-"""Admission: the hello exchange that opens every control stream (DESIGN.md §3).
+"""Admission: the hello exchange that opens every control stream.
 
 Dialer → `Hello(version, node id, mesh id, nonce)`; listener → `HelloReply` with its own nonce,
 an Ed25519 signature over the transcript (both hellos, both nonces) and an HMAC of it keyed by

@@ -1,7 +1,7 @@
 """The fast lane: a direct TCP + TLS 1.3 connection between two nodes, authenticated by node keys.
 
 aioquic is pure Python and CPU-bound, so bulk and latency-critical byte streams (llama.cpp RPC
-sessions, later model-file transfers) take a direct TLS connection instead (DESIGN.md §4).
+sessions, later model-file transfers) take a direct TLS connection instead.
 `FastLaneServer.start` listens; `fast_lane_connect` dials, pins the server's node id and
 names the purpose of the connection (a `StreamType` byte). Both return plain asyncio
 reader/writer pairs once both sides are authenticated. Raises `PeerUnavailable` when the lane

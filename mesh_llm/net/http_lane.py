@@ -1,4 +1,4 @@
-"""API requests over the fast lane (TCP + TLS 1.3, DESIGN.md §4), QUIC streams as the fallback.
+"""API requests over the fast lane (TCP + TLS 1.3), QUIC streams as the fallback.
 
 aioquic costs about 1.7 ms per small round trip on a modest CPU; an API request to another
 node pays it on its way to the first token. So a requester carries requests to a host over a

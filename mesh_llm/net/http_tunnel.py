@@ -1,4 +1,4 @@
-"""API requests over `HTTP` QUIC streams (DESIGN.md §4): one request/response per stream.
+"""API requests over `HTTP` QUIC streams: one request/response per stream.
 
 Wire: the requester writes a framed `HttpRequestHead` (u32 length + msgpack), then exactly
 `body_len` raw body bytes, then ends its side. The host answers a framed `HttpResponseHead`,

@@ -1,1 +1,2 @@
-"""wire layer of mesh-llm (see DESIGN.md section 11)."""
+"""wire layer of mesh-llm: the messages between nodes and their msgpack codec; no I/O
+(layers: docs/architecture.md)."""
