@@ -18,6 +18,16 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from mesh_llm.config import ENV_KEYS, Config
 
 DESCRIPTIONS: dict[str, str] = {
+    "headless": "no console page (`/` answers 404); /api/* stays (like --headless)",
+    "shutdown_cutoff_s": "after the shutdown grace: how long the HTTP server still waits",
+    "api.prefix_affinity": "route a request to the replica that last served its prompt prefix",
+    "api.affinity_max_entries": "prompt prefixes remembered for affinity (oldest dropped)",
+    "api.affinity_ttl_s": "a remembered prompt prefix expires after this",
+    "api.affinity_chunk_chars": "the prompt is hashed at every this many characters",
+    "api.affinity_max_chars": "only this many leading prompt characters are hashed",
+    "api.body_read_timeout_s": "a request body must arrive within this (else 408)",
+    "api.head_and_idle_timeout_s": "a request head not finished, or a keep-alive idle, closes",
+    "backend.embeddings": "models served with embeddings on (like --embeddings MODEL)",
     "home_dir": "node key, mesh state and config.toml (only from MESH_LLM_HOME, not the file)",
     "models_dir": "where models are found and downloaded",
     "cache_dir": "llama.cpp build cache",

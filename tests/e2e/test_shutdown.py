@@ -24,6 +24,7 @@ import pytest
 
 from mesh_llm.backend.build import Binaries
 from tests.e2e.harness import MeshProcess, wait_until
+from tests.e2e.models import SMOLLM2
 from tests.e2e.test_solo import DEMO_MODEL, PROMPT
 
 pytestmark = pytest.mark.e2e
@@ -150,7 +151,7 @@ def _assert_complete(events: list[str]) -> None:
 
 
 def test_ctrl_c_lets_local_and_mesh_streams_finish(nodes: Nodes) -> None:
-    host = nodes.start("host", "--model", "gemma-3-270m")
+    host = nodes.start("host", "--model", SMOLLM2.catalog)
     token_wait = host.wait_status
     wait_until(lambda: bool(token_wait().get("token")), 30, "invite token")
     token = host.status()["token"]
@@ -188,7 +189,7 @@ def test_ctrl_c_lets_local_and_mesh_streams_finish(nodes: Nodes) -> None:
 
 
 def test_second_ctrl_c_forces_exit(nodes: Nodes) -> None:
-    node = nodes.start("solo", "--model", "gemma-3-270m")
+    node = nodes.start("solo", "--model", SMOLLM2.catalog)
     node.wait_ready()
     children = _children(node)
     connection, response = _open_stream(node.port, 2000)

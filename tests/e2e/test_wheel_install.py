@@ -20,6 +20,7 @@ import pytest
 from mesh_llm import __version__
 from mesh_llm.backend.build import Binaries
 from tests.e2e.harness import MeshProcess
+from tests.e2e.models import SMOLLM2
 
 pytestmark = pytest.mark.e2e
 
@@ -84,7 +85,7 @@ def wheel_node(
     llama_binaries: Binaries,
     demo_models_dir: Path,
 ) -> Iterator[MeshProcess]:
-    (model,) = demo_models_dir.glob("*.gguf")
+    model = demo_models_dir / SMOLLM2.file
     node = MeshProcess(
         tmp_path_factory.mktemp("wheel-node"),
         ["--model", str(model), "--log-format", "json"],
