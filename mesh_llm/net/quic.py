@@ -183,7 +183,12 @@ class QuicPeerConnection(QuicConnectionProtocol):
     def _send_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         if self.is_closed:
             raise StreamReset("connection closed")
-        self._quic.send_stream_data(stream_id, data, end_stream)
+        try:
+            self._quic.send_stream_data(stream_id, data, end_stream)
+        except (RuntimeError, ValueError) as exc:
+            # aioquic refuses writes to a stream it already reset (e.g. on the peer's
+            # STOP_SENDING), finished or forgot: to the caller that is a stream that is gone.
+            raise StreamReset(f"stream {stream_id} cannot be written: {exc}") from exc
         if end_stream:
             self._forget_if_done(stream_id)
         self._transmit_soon()

@@ -240,3 +240,21 @@ async def test_reader_wakes_when_connection_closes(
         connection.close()
         with pytest.raises(StreamReset):
             await reader
+
+
+async def test_a_write_aioquic_refuses_is_a_stream_reset(
+    listener: Listener, dialer: tuple[NodeIdentity, QuicEndpoint]
+) -> None:
+    """aioquic raises RuntimeError on a write after its sender was reset (as it does itself on
+    a peer's STOP_SENDING) or finished: the wrapper turns that into `StreamReset`, the error
+    every stream handler expects, instead of an unexpected exception and traceback."""
+    async with asyncio.timeout(TIMEOUT_S):
+        connection = await _connect(dialer, listener, None)
+        stream = await connection.open_stream(StreamType.CONTROL)
+        connection._quic._streams[stream.stream_id].sender.reset(0)
+        with pytest.raises(StreamReset, match="cannot be written"):
+            stream.write(b"more")
+        finished = await connection.open_stream(StreamType.CONTROL)
+        connection._quic.send_stream_data(finished.stream_id, b"", end_stream=True)
+        with pytest.raises(StreamReset, match="cannot be written"):
+            finished.write(b"after FIN")
