@@ -47,8 +47,9 @@ def show_config(
     config: Config, env: Mapping[str, str], flags: Mapping[str, object], console: Console
 ) -> int:
     """The effective configuration, one row per key, with the layer that set each value."""
+    from mesh_llm.config import read_file_values
     from mesh_llm.config_reference import toml_value
-    from mesh_llm.config_sources import config_sources, read_file_values
+    from mesh_llm.config_sources import config_sources
 
     file_path = config.home_dir / "config.toml"
     table = Table(title=f"mesh-llm configuration (file: {file_path})")

@@ -196,7 +196,7 @@ def load_config(
     home = Path(str(flags.get("home_dir") or env.get("MESH_LLM_HOME") or Config().home_dir))
     values["home_dir"] = home
     file_path = home / "config.toml"
-    file_values = _read_file(file_path)
+    file_values = read_file_values(file_path)
     if file_values:
         # Lazy: it imports this module. Names the file line of a bad key or value.
         from mesh_llm.config_sources import check_file_values
@@ -210,7 +210,8 @@ def load_config(
     return _build(Config, values, "")
 
 
-def _read_file(path: Path) -> dict[str, object]:
+def read_file_values(path: Path) -> dict[str, object]:
+    """The flattened keys of a config file ({} when there is none). Raises `ConfigError`."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

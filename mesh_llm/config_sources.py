@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh_llm.config import ENV_KEYS, Config, _coerce, _flatten
+from mesh_llm.config import ENV_KEYS, Config, _coerce
 from mesh_llm.config_reference import config_keys
 from mesh_llm.errors import ConfigError
 
@@ -100,22 +100,6 @@ def config_sources(
         if flags.get(item.key) is not None:
             origin = "flag"
         yield Source(item.key, _lookup(effective, item.key), origin)
-
-
-def read_file_values(path: Path) -> dict[str, object]:
-    """The flattened keys of a config file ({} when there is none). Raises `ConfigError`."""
-    import tomllib
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    try:
-        return dict(_flatten(tomllib.loads(text), ""))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
 def _lookup(config: object, dotted: str) -> object:

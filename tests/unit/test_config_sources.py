@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from mesh_llm.cli import main
-from mesh_llm.config import load_config
+from mesh_llm.config import load_config, read_file_values
 from mesh_llm.config_reference import (
     DESCRIPTIONS,
     config_keys,
     render_markdown,
     render_sample_toml,
 )
-from mesh_llm.config_sources import config_sources, find_line, read_file_values
+from mesh_llm.config_sources import config_sources, find_line
 from mesh_llm.errors import ConfigError
 
 
