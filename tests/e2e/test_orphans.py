@@ -65,12 +65,12 @@ def test_kill_9_of_a_split_host_and_its_worker_leaves_no_child(nodes: Nodes) -> 
         addresses = _listen_addresses(child)
         assert addresses and addresses <= {"127.0.0.1"}, (child.cmdline(), addresses)
     assert FIRST in seed.args
-    for node in (worker, seed):
+    labels = {child.pid: f"{child.name()} pid {child.pid}" for child in host_children}
+    labels |= {child.pid: f"{child.name()} pid {child.pid}" for child in worker_children}
+    for node in (worker, seed):  # names read above: a dead child has none to read
         node.signal(signal.SIGKILL)
         node.wait_exit()
     for child in (*host_children, *worker_children):
         wait_until(
-            partial(_gone, child),
-            CHILD_DEATH_S,
-            f"{child.name()} pid {child.pid} to die with its node",
+            partial(_gone, child), CHILD_DEATH_S, f"{labels[child.pid]} to die with its node"
         )
