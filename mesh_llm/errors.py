@@ -63,3 +63,19 @@ class ProtocolError(MeshError):
 
 class PeerUnavailable(MeshError):
     """A peer cannot be reached or went away."""
+
+
+class AdmissionRefused(ProtocolError):
+    """The hello exchange with a peer failed; `code` is a `RefuseCode`, the message says why."""
+
+
+class UpstreamFailed(MeshError):
+    """The backend of an API request failed (before the response head, or mid-body)."""
+
+
+class StreamReset(PeerUnavailable):
+    """A byte stream to a peer ended under us: reset, closed early, or its connection went."""
+
+
+class FramingError(ProtocolError):
+    """A peer sent bytes that are not a valid frame of the protocol on that stream."""

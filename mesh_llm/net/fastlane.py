@@ -2,10 +2,11 @@
 
 aioquic is pure Python and CPU-bound, so bulk and latency-critical byte streams (llama.cpp RPC
 sessions, later model-file transfers) take a direct TLS connection instead.
-`FastLaneServer.start` listens; `fast_lane_connect` dials, pins the server's node id and
-names the purpose of the connection (a `StreamType` byte). Both return plain asyncio
-reader/writer pairs once both sides are authenticated. Raises `PeerUnavailable` when the lane
-cannot be made and `ProtocolError` for a wrong key or a refusal. Imports no aioquic.
+`FastLaneServer.start` listens (its connections are tasks of `run()`); `fast_lane_connect`
+dials, pins the server's node id and names the purpose of the connection (a `StreamType`
+byte). Both give plain asyncio reader/writer pairs once both sides are authenticated. Raises
+`PeerUnavailable` when the lane cannot be made and `ProtocolError` for a wrong key or a
+refusal. Imports no aioquic.
 
 Authentication. Python's `ssl` has no verification callback: a server with `CERT_OPTIONAL` or
 `CERT_REQUIRED` rejects any client certificate that does not chain to a CA it loaded, and a
@@ -41,12 +42,13 @@ import os
 import socket
 import ssl
 import tempfile
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from mesh_llm.config import NetConfig
 from mesh_llm.core.types import NodeId, short_id
-from mesh_llm.errors import IdentityError, PeerUnavailable, ProtocolError
+from mesh_llm.errors import IdentityError, PeerUnavailable, ProtocolError, StreamReset
 from mesh_llm.identity import (
     NodeIdentity,
     make_self_signed_certificate,
@@ -64,9 +66,7 @@ KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 ACCEPTED = 0
 SIGNATURE_CONTEXT = b"mesh-llm fast lane v1\x00"
-AUTH_TIMEOUT_S = 10.0
-# Bounds the wait for a closed connection to finish closing (a TLS close_notify exchange).
-CLOSE_TIMEOUT_S = 5.0
+_DEFAULTS = NetConfig()  # the timeouts of callers that pass none
 # StreamReader buffer: large so that one read can return a large chunk (pauses at 2x this).
 STREAM_LIMIT_BYTES = 1024 * 1024
 
@@ -126,31 +126,13 @@ class Closable(Protocol):
     async def wait_closed(self) -> None: ...
 
 
-async def close_and_wait(writer: Closable) -> None:
-    """Close `writer` and wait (up to `CLOSE_TIMEOUT_S`) until its transport has let go, so
-    that no transport outlives its session; errors of an already broken connection are moot."""
+async def close_and_wait(writer: Closable, timeout_s: float = _DEFAULTS.close_timeout_s) -> None:
+    """Close `writer` and wait (up to `timeout_s`) until its transport has let go, so that no
+    transport outlives its session; errors of an already broken connection are moot."""
     writer.close()
     with contextlib.suppress(OSError, TimeoutError):
-        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             await writer.wait_closed()
-
-
-async def run_owned(sessions: set[asyncio.Task[None]], session: Coroutine[Any, Any, None]) -> None:
-    """Run `session` as a task in `sessions`, from an `asyncio.Server` connection callback.
-
-    The owner ends sessions by cancelling the tasks in `sessions`: that is a normal end here,
-    not an error for asyncio to log. Cancellation of the callback itself still propagates.
-    """
-    task = asyncio.create_task(session)
-    sessions.add(task)
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-    finally:
-        sessions.discard(task)
 
 
 def _peer_node_id(writer: asyncio.StreamWriter) -> NodeId | None:
@@ -181,8 +163,8 @@ class FastLaneServer:
         self._purposes = purposes
         self._auth_timeout_s = auth_timeout_s
         self._server: asyncio.Server | None = None
-        # One task per connection, owned here so that close() ends them (see `run_owned`).
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._group: asyncio.TaskGroup | None = None  # one task per connection, see `run()`
+        self._pending: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     @classmethod
     async def start(
@@ -194,7 +176,7 @@ class FastLaneServer:
         on_connection: ConnectionHandler,
         is_allowed: Callable[[NodeId], bool],
         purposes: frozenset[StreamType] = frozenset({StreamType.RPC}),
-        auth_timeout_s: float = AUTH_TIMEOUT_S,
+        auth_timeout_s: float = _DEFAULTS.fast_lane_auth_timeout_s,
     ) -> FastLaneServer:
         """Listen on host:port (0: any free port). Raises `PeerUnavailable` if it cannot bind."""
         lane = cls(identity, on_connection, is_allowed, purposes, auth_timeout_s)
@@ -217,18 +199,34 @@ class FastLaneServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    async def close(self) -> None:
-        """Stop listening and end every connection it accepted."""
+    async def run(self) -> None:
+        """Serve connections until cancelled; then stop listening and end every one."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                for reader, writer in self._pending:
+                    group.create_task(self._serve(reader, writer))
+                self._pending.clear()
+                try:
+                    await asyncio.Event().wait()  # until cancelled
+                finally:
+                    self._stop_listening()  # no new connection while the group ends
+        finally:
+            self._group = None
+            self._stop_listening()
+
+    def _stop_listening(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await run_owned(self._handlers, self._serve(reader, writer))
+    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._group is None:
+            self._pending.append((reader, writer))  # run() serves them when it starts
+            return
+        try:
+            self._group.create_task(self._serve(reader, writer))
+        except RuntimeError:  # the group is ending: so is this server
+            writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -236,7 +234,7 @@ class FastLaneServer:
             accepted = await self._authenticate(reader, writer)
             if accepted is not None:
                 await self._on_connection(accepted[0], accepted[1], reader, writer)
-        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, StreamReset) as exc:
             log.info("fast lane connection from %s ended: %r", _peer_addr(writer), exc)
         except Exception:
             log.exception("fast lane handler failed for %s", _peer_addr(writer))

@@ -7,7 +7,10 @@ the peers the core asks for, retries invite tokens with backoff (1 s → 30 s) w
 has no live peer, resolves duplicate connections between the same pair (the one dialed by the
 lower node id wins), and answers `ROUTES` streams from admitted passive clients without keeping
 membership state for them. In client mode it is passive itself: it connects to a token's node,
-pulls the routing table on connect, every `route_refresh_s`, and on every change notice.
+pulls the routing table on connect, every `route_refresh_s`, and on every change notice, and
+dials hosts on demand for API requests. `RPC` and `HTTP` streams of admitted peers go to
+`inbound` (the node's `StreamHandlers`). Every task — the endpoint's stream handlers, timers,
+joins, on-demand dials — belongs to the TaskGroup of `run()`.
 """
 
 from __future__ import annotations
@@ -35,16 +38,15 @@ from mesh_llm.core.events import (
 )
 from mesh_llm.core.mesh import MeshCore
 from mesh_llm.core.types import NodeId, short_id
-from mesh_llm.errors import MeshError, PeerUnavailable, ProtocolError
+from mesh_llm.errors import AdmissionRefused, MeshError, PeerUnavailable, ProtocolError, StreamReset
 from mesh_llm.identity import MeshSecret, NodeIdentity
-from mesh_llm.net.admission import (
-    AdmissionRefused,
+from mesh_llm.net.hello import (
     FramedChannel,
     admit_inbound,
     admit_outbound,
 )
-from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream, StreamReset
-from mesh_llm.net.tunnel import serve_rpc_stream
+from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
+from mesh_llm.net.streams import ByteStream, QuicByteStream
 from mesh_llm.token import InviteToken, parse_addr
 from mesh_llm.wire.codec import DecodeError
 from mesh_llm.wire.messages import (
@@ -58,7 +60,8 @@ from mesh_llm.wire.messages import (
 
 log = logging.getLogger(__name__)
 
-HttpHandler = Callable[[QuicStream, str], Awaitable[None]]
+# Streams for the layers above (RPC, HTTP) of an admitted peer: `StreamHandlers.accept`.
+Inbound = Callable[[NodeId, StreamType, ByteStream], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -99,6 +102,7 @@ class PeerManager:
         tokens: tuple[InviteToken, ...] = (),
         timings: NetConfig | None = None,
         rng: random.Random | None = None,
+        inbound: Inbound | None = None,
     ) -> None:
         self._identity = identity
         self._mesh = mesh
@@ -117,9 +121,9 @@ class PeerManager:
         self._stopping = False
         self.routes = RouteTable()
         self.listeners = _Listeners()
-        self.rpc_port: Callable[[], int | None] = lambda: None  # set when this node is a worker
-        self.http_handler: HttpHandler | None = None  # answers API requests from other nodes
-        self._on_demand: dict[NodeId, asyncio.Task[_Link]] = {}  # client mode: links to hosts
+        self._inbound = inbound
+        # Client mode: links to hosts, dialled on demand (tasks of `run()`'s group).
+        self._on_demand: dict[NodeId, asyncio.Task[_Link | MeshError]] = {}
 
     @property
     def is_client(self) -> bool:
@@ -133,7 +137,7 @@ class PeerManager:
     async def bind(self, host: str, port: int) -> int:
         """Bind the UDP socket (before the invite token is printed); returns the port."""
         self._endpoint = await QuicEndpoint.bind(
-            self._identity, host, port, self._on_stream, lambda _conn: None
+            self._identity, host, port, self._on_stream, lambda _conn: None, self._timings
         )
         return self._endpoint.port
 
@@ -143,6 +147,7 @@ class PeerManager:
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
+                group.create_task(self._endpoint.run())
                 if self._core is not None:
                     group.create_task(self._drive_timers())
                 for token in self._tokens:
@@ -198,13 +203,21 @@ class PeerManager:
             record = next((r for r in self.routes.records if r.node_id == node_id), None)
             if record is None:
                 raise PeerUnavailable(f"{short_id(peer)} is not in the routing table")
-            task = asyncio.get_running_loop().create_task(self._dial_on_demand(record))
+            if self._group is None:
+                raise PeerUnavailable("the mesh is not running")
+            task = self._group.create_task(self._dial_on_demand(record))
             self._on_demand[peer] = task
-        try:
-            return (await asyncio.shield(task)).connection
-        except MeshError:
+        # Shielded: one caller going away must not cancel a dial others wait for too.
+        outcome = await asyncio.shield(task)
+        if isinstance(outcome, MeshError):
             self._on_demand.pop(peer, None)
-            raise
+            raise outcome
+        return outcome.connection
+
+    def record_of(self, node_id: NodeId) -> NodeRecord | None:
+        """`node_id`'s record: from gossip for a member, from the routing table for a client."""
+        records = self.records() or self.routes.records
+        return next((r for r in records if r.node_id == node_id), None)
 
     def report_failure(self, node_id: str, reason: str) -> None:
         """On-use detection: an API request to `node_id` failed before its answer."""
@@ -214,14 +227,20 @@ class PeerManager:
             self._pump()
             return
         task = self._on_demand.pop(NodeId(node_id), None)
-        if task is not None and task.done() and not task.cancelled() and not task.exception():
-            task.result().connection.close_with(RefuseCode.SHUTTING_DOWN, "request failed")
+        if task is not None and task.done() and not _dead_link(task):
+            link = task.result()
+            assert isinstance(link, _Link)
+            link.connection.close_with(RefuseCode.SHUTTING_DOWN, "request failed")
         source = self._links.get(self.routes.source) if self.routes.source else None
         if source is not None and self._group is not None:
             self._group.create_task(self._refresh_routes(source))
 
-    async def _dial_on_demand(self, record: NodeRecord) -> _Link:
-        link = await self._dial(record.addrs, NodeId(record.node_id))
+    async def _dial_on_demand(self, record: NodeRecord) -> _Link | MeshError:
+        """A task of the group: its failure is its result (for the callers), not the group's."""
+        try:
+            link = await self._dial(record.addrs, NodeId(record.node_id))
+        except MeshError as exc:
+            return exc
         if self._group is not None:
             self._group.create_task(self._hold_on_demand(link))
         return link
@@ -451,17 +470,16 @@ class PeerManager:
                 await self._accept_control(connection, FramedChannel(stream))
             case StreamType.ROUTES:
                 await self._answer_routes(connection, FramedChannel(stream))
-            case StreamType.RPC:
-                if not connection.admitted or self._core is None:
-                    stream.reset(RefuseCode.PROTOCOL_ERROR)
-                    return
-                await serve_rpc_stream(stream, self.rpc_port())
-            case StreamType.HTTP:
+            case StreamType.RPC | StreamType.HTTP:
                 peer = connection.admitted_id
-                if not connection.admitted or self.http_handler is None or peer is None:
+                members_only = kind is StreamType.RPC and self._core is None
+                if not connection.admitted or peer is None or members_only:
                     stream.reset(RefuseCode.PROTOCOL_ERROR)
                     return
-                await self.http_handler(stream, peer)
+                if self._inbound is None:
+                    stream.reset(RefuseCode.UNKNOWN_STREAM)
+                    return
+                await self._inbound(peer, kind, QuicByteStream(stream))
             case _:
                 assert_never(kind)
 
@@ -632,11 +650,12 @@ class PeerManager:
             self.listeners.notify()
 
 
-def _dead_link(task: asyncio.Task[_Link]) -> bool:
+def _dead_link(task: asyncio.Task[_Link | MeshError]) -> bool:
     """A finished on-demand dial whose link is unusable (failed, or closed since)."""
     if task.cancelled() or task.exception() is not None:
         return True
-    return task.result().connection.is_closed
+    outcome = task.result()
+    return isinstance(outcome, MeshError) or outcome.connection.is_closed
 
 
 def _format_addr(addr: Any) -> str | None:
