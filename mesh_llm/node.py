@@ -395,7 +395,7 @@ class Node:
             net.fast_lane_port,
             peers.is_admitted,
             self._handlers,
-            net.fast_lane_auth_timeout_s,
+            net,
         )
         self._handlers.serve(StreamType.RPC, rpc_worker_handler(self._rpc_port))
         peers.update_self(fast_lane_port=net.fast_lane_advertise_port or self._fast_lane.port)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from mesh_llm.config import NetConfig
 from mesh_llm.core.types import NodeId, short_id
 from mesh_llm.errors import PeerUnavailable, ProtocolError
 from mesh_llm.identity import NodeIdentity
@@ -166,7 +167,7 @@ async def start_fast_lane_server(
     port: int,
     is_allowed: Callable[[NodeId], bool],
     handlers: StreamHandlers,
-    auth_timeout_s: float,
+    limits: NetConfig,
 ) -> FastLaneServer:
     """The node's fast-lane server: admits the nodes `is_allowed` names (mesh members and
     admitted clients) and hands each connection to the handler of its purpose."""
@@ -179,5 +180,5 @@ async def start_fast_lane_server(
         ),
         is_allowed=lambda node: node != identity.node_id and is_allowed(node),
         purposes=frozenset({StreamType.RPC, StreamType.HTTP}),
-        auth_timeout_s=auth_timeout_s,
+        limits=limits,
     )
