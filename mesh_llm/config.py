@@ -90,6 +90,9 @@ class BackendConfig:
     threads: int | None = None
     health_timeout_s: float = 300.0
     health_poll_interval_s: float = 0.25
+    health_request_timeout_s: float = 2.0  # one /health request to llama-server
+    port_probe_timeout_s: float = 1.0  # one connect to an rpc-server's port (is it up?)
+    progress_log_interval_s: float = 5.0  # download/build progress: one log line this often
     stop_grace_s: float = 5.0
     restart_backoff_initial_s: float = 1.0
     restart_backoff_max_s: float = 30.0

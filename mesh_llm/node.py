@@ -13,12 +13,10 @@ children, return. Every task lives in one TaskGroup owned by
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import socket
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,14 +27,10 @@ from mesh_llm import __version__
 from mesh_llm.api.app import INBOUND_KEY, PROXY_KEY, create_app
 from mesh_llm.api.auth import warn_if_exposed
 from mesh_llm.api.console import create_console_app
-from mesh_llm.api.console_view import record_fields
-from mesh_llm.api.drain import Drain, drain_middleware
-from mesh_llm.api.inbound import DROP_PATH
+from mesh_llm.api.drain import Drain
 from mesh_llm.api.metrics import MetricSources
-from mesh_llm.api.openai import PROXIED_PATHS, error_body
 from mesh_llm.api.operations import http_limits
 from mesh_llm.api.proxy import Proxy
-from mesh_llm.api.upstream import UpstreamFailed, open_remote, request_head
 from mesh_llm.backend.hardware import HardwareInfo, detect_hardware, max_vram_bytes
 from mesh_llm.backend.llama import LOOPBACK
 from mesh_llm.backend.process import kill_process_group_now, sweep_stale_children
@@ -52,7 +46,8 @@ from mesh_llm.core.mesh import MeshCore
 from mesh_llm.core.model_statuses import mesh_model_statuses
 from mesh_llm.core.router import ModelStatus
 from mesh_llm.core.types import NodeId
-from mesh_llm.errors import ConfigError, MeshError, PeerUnavailable
+from mesh_llm.drop import Drops
+from mesh_llm.errors import ConfigError, PeerUnavailable, one_error
 from mesh_llm.identity import (
     MeshSecret,
     NodeIdentity,
@@ -65,6 +60,7 @@ from mesh_llm.net.http_peer import HttpPeerClient, PeerResponse
 from mesh_llm.net.peers import PeerManager
 from mesh_llm.net.transport import PeerTransport, StreamHandlers, start_fast_lane_server
 from mesh_llm.net.tunnel import RpcTunnels, rpc_worker_handler
+from mesh_llm.node_status import NodeFacts, status_document
 from mesh_llm.placement import Placement
 from mesh_llm.token import InviteToken, decode_token, encode_token, format_addr
 from mesh_llm.wire.messages import HttpRequestHead, NodeRecord, Role, StreamType
@@ -108,6 +104,14 @@ class Node:
         self._proxy: Proxy | None = None  # the API's router, shared by the console's chat
         self._demand = DemandMeter()
         self._drain = Drain()  # API requests in flight, local and for other nodes
+        self._drops = Drops(
+            config,
+            served=lambda: [server.status for server in self._servers],
+            statuses=self.model_statuses,
+            peers=self,
+            leave=self._leave,
+            short_id=lambda: self.identity.short_id if self.identity else "",
+        )
 
     # -- ModelDirectory (API) and StatusSource (console) ---------------------------------
 
@@ -139,103 +143,35 @@ class Node:
 
     async def drop(self, model: str) -> tuple[int, dict[str, Any]]:
         """`mesh-llm drop`: the node(s) serving `model` leave the mesh; this one forwards."""
-        local = await self.drop_local(model)
-        if local[0] != 404:
-            return local
-        status = next((m for m in self.model_statuses() if m.name == model), None)
-        if status is None or not status.remote:
-            return local
-        dropped: list[str] = []
-        errors: list[str] = []
-        for node_id in status.remote:
-            try:
-                body = json.dumps({"model": model}).encode()
-                head = request_head(DROP_PATH, body, uuid.uuid4().hex)
-                upstream = await open_remote(self, node_id, head, body, self._config.api)
-                try:
-                    async for _chunk in upstream.chunks():
-                        pass
-                finally:
-                    upstream.close()
-            except (MeshError, UpstreamFailed) as exc:
-                errors.append(f"{node_id[:10]}: {exc}")
-                continue
-            if upstream.status == 200:
-                dropped.append(node_id[:10])
-            else:
-                errors.append(f"{node_id[:10]} answered {upstream.status}")
-        if not dropped:
-            return 502, error_body(
-                502, f"could not drop {model}: {'; '.join(errors)}", "drop_failed"
-            )
-        return 200, {"dropped": model, "nodes": dropped, "errors": errors}
+        return await self._drops.drop(model)
 
     async def drop_local(self, model: str) -> tuple[int, dict[str, Any]]:
-        """Drop `model` if this node serves it: answer, then leave the mesh and exit 0."""
-        served = [s.status for s in self._servers]
-        if any(model == s.name or model in s.aliases for s in served):
-            log.info("dropping %s: leaving the mesh", model, extra={"event": "drop"})
-            if self._shutdown is not None:
-                asyncio.get_running_loop().call_later(
-                    self._config.drop_exit_delay_s, self._shutdown.set
-                )
-            short = self.identity.short_id if self.identity else ""
-            return 200, {"dropped": model, "nodes": [short]}
-        names = sorted({m.name for m in self.model_statuses() if m.routable})
-        message = f"no node serves {model!r}; served models: {', '.join(names) or 'none'}"
-        return 404, error_body(404, message, "model_not_found")
+        """A drop another node forwarded: only this node's own models."""
+        return await self._drops.drop_local(model)
 
     def status(self) -> dict[str, Any]:
-        config = self._config
-        hardware = self._hardware
-        binaries = self._binaries.binaries
-        snapshot = self.peers.snapshot() if self.peers is not None else {"peers": [], "clients": 0}
-        return {
-            "node": {
-                "node_id": self._node_id(),
-                "short_id": self.identity.short_id if self.identity else "",
-                "name": socket.gethostname(),
-                "role": self._role(),
-                "client": config.client,
-                "api_url": self.api_url,
-                "mesh_port": self.peers.port if self.peers is not None else None,
-                "vram_bytes": hardware.vram_bytes if hardware else 0,
-                "backend": hardware.backend if hardware else "",
-                "build_id": binaries.build_id if binaries else "",
-                "rpc_protocol": binaries.rpc_protocol if binaries else "",
-                "version": __version__,
-                "draining": self._drain.draining,
-            },
-            "token": self.token,
-            "is_host": self._is_host(),
-            "models": [
-                {
-                    "name": m.name,
-                    "state": m.state.value,
-                    "reason": m.reason,
-                    "host": m.host,
-                    "nodes": m.node_count,
-                    "remote_hosts": list(m.remote),
-                }
-                for m in self.model_statuses()
-            ],
-            "peers": snapshot["peers"],
-            "clients": snapshot["clients"],
+        facts = NodeFacts(
+            node_id=self._node_id(),
+            short_id=self.identity.short_id if self.identity else "",
+            role=self._role(),
+            api_url=self.api_url,
+            mesh_port=self.peers.port if self.peers is not None else None,
+            hardware=self._hardware,
+            binaries=self._binaries.binaries,
+            draining=self._drain.draining,
+            token=self.token,
+        )
+        peers = self.peers.snapshot() if self.peers is not None else {"peers": [], "clients": 0}
+        lanes = {
             "fast_lane_port": self._fast_lane.port if self._fast_lane is not None else None,
             "rpc_tunnels": self._tunnels.snapshot() if self._tunnels is not None else [],
             "api_lanes": self._http.snapshot() if self._http is not None else None,
-            # For the console's view: every gossip record as advertised, the context size,
-            # and the split this node hosts (if any).
-            "records": [record_fields(r) for r in self._known_records()],
-            "ctx_size": config.backend.ctx_size,
-            "split": self._split_status(),
         }
-
-    def _split_status(self) -> dict[str, Any] | None:
         plan = self._placement.plan if self._placement is not None else None
-        if plan is None or not plan.workers:
-            return None
-        return {"model": plan.model, "host": plan.host, "tensor_split": list(plan.tensor_split)}
+        statuses = self.model_statuses()
+        return status_document(
+            self._config, facts, statuses, self._known_records(), peers, lanes, plan
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -262,6 +198,7 @@ class Node:
             tokens=self._tokens,
             timings=config.net,
             inbound=self._handlers.accept,
+            on_change=self._on_mesh_change,
         )
         port = await self.peers.bind(config.net.bind_host, config.net.bind_port)
         self._transport, self._http = self._peer_transport(self.peers)
@@ -278,7 +215,7 @@ class Node:
             runners.append(await self._start_api())
             await self._run_tasks(shutdown, runners, serving=core is not None)
         except ExceptionGroup as failed:  # a task of the node failed: one error for the CLI
-            raise _one_error(failed) from failed
+            raise one_error(failed) from failed
         finally:
             for runner in runners:
                 await runner.cleanup()
@@ -307,12 +244,13 @@ class Node:
                     self._tunnels,
                     make_server=self._assigned_server,
                 )
-                self.peers.listeners.on_change.append(self._placement.notify)
                 tasks.append(group.create_task(self._placement.run()))
                 tasks.append(group.create_task(self._publish_demand()))
             await shutdown.wait()
             self._binaries.cancel.set()
-            await self._drain_requests()
+            # New API requests get 503; those in flight — this node's clients' and other
+            # nodes' — finish while the mesh links and model servers they need are still up.
+            await self._drain.finish(self._config.shutdown_grace_s)
             await self.peers.leave()
             for runner in runners:
                 for site in list(runner.sites):
@@ -321,25 +259,6 @@ class Node:
                 await self._placement.stop()
             for task in tasks:  # lanes, tunnels, links: each ends what it owns
                 task.cancel()
-
-    async def _drain_requests(self) -> None:
-        """Refuse new API requests (503) and let the ones in flight — this node's clients' and
-        other nodes' — finish within `shutdown_grace_s`, while the mesh links and the model
-        servers they need are still up."""
-        drain, grace_s = self._drain, self._config.shutdown_grace_s
-        drain.start()
-        log.info(
-            "shutting down: %d request(s) in flight get up to %.0f s",
-            drain.active,
-            grace_s,
-            extra={"event": "node_stopping", "in_flight": drain.active},
-        )
-        if not await drain.wait_idle(grace_s):
-            log.warning(
-                "shutdown grace over: %d request(s) still in flight are cut",
-                drain.active,
-                extra={"event": "drain_expired", "in_flight": drain.active},
-            )
 
     async def _publish_demand(self) -> None:
         """Gossip this node's request rates per model when they changed noticeably."""
@@ -423,13 +342,6 @@ class Node:
     def _metric_sources(self) -> MetricSources:
         return MetricSources(peer_count=self._linked_peers, tunnel_bytes=self._tunnel_bytes)
 
-    def _is_host(self) -> bool:
-        """This node hosts a model (solo or a split) in its own published serving map."""
-        own = next((r for r in self._known_records() if r.node_id == self._node_id()), None)
-        return own is not None and any(
-            info.role == "host" and info.host == own.node_id for info in own.serving.values()
-        )
-
     def _role(self) -> str:
         if self._config.client:
             return Role.CLIENT.value
@@ -464,6 +376,15 @@ class Node:
             api_port=self._config.api.port,
             software_version=__version__,
         )
+
+    def _leave(self) -> None:
+        if self._shutdown is not None:
+            self._shutdown.set()
+
+    def _on_mesh_change(self) -> None:
+        """The mesh's records (or a client's routing table) changed: re-plan."""
+        if self._placement is not None:
+            self._placement.notify()
 
     def _on_local_change(self) -> None:
         """A local model changed state: republish and re-plan."""
@@ -503,9 +424,11 @@ class Node:
 
     async def _start_api(self) -> web.AppRunner:
         api = self._config.api
-        app = create_app(self, api, mesh=self, sources=self._metric_sources())
-        # Outermost, so a draining node refuses before any other work (frozen at setup).
-        app.middlewares.insert(0, drain_middleware(self._drain, PROXIED_PATHS, api.retry_after_s))
+        # A drop forwarded by another node is answered by drop_local: never forwarded again.
+        sources = self._metric_sources()
+        app = create_app(
+            self, api, mesh=self, sources=sources, drain=self._drain, peer_drop=self.drop_local
+        )
         runner = web.AppRunner(
             app,
             handler_cancellation=True,  # a client that goes away cancels its upstream request
@@ -516,10 +439,7 @@ class Node:
         )
         await runner.setup()
         self._proxy = runner.app[PROXY_KEY]
-        inbound = runner.app[INBOUND_KEY]
-        inbound.drop = self.drop_local  # a drop forwarded by another node: never forward again
-        inbound.drain = self._drain
-        self._handlers.serve(StreamType.HTTP, inbound.serve)
+        self._handlers.serve(StreamType.HTTP, runner.app[INBOUND_KEY].serve)
         await _start_site(runner, api.host, api.port, "--port")
         warn_if_exposed(api)
         self._announce(f"OpenAI API: {self.api_url}  (answers 503 until a model is ready)")
@@ -536,25 +456,6 @@ async def _start_site(runner: web.AppRunner, host: str, port: int, flag: str) ->
             f"cannot listen on {host}:{port} ({exc.strerror}); is another mesh-llm running? "
             f"Stop it or pass {flag}"
         ) from exc
-
-
-def _one_error(failed: BaseExceptionGroup[BaseException]) -> MeshError:
-    """The error a failed node task ends the node with: its `MeshError` as is; anything else is
-    a bug, logged here with its traceback and reported as a `MeshError` that says so."""
-    mesh_errors, others = failed.split(MeshError)
-    if others is not None:
-        log.error("a task of the node failed", exc_info=others)
-    leaves = list(_leaves(mesh_errors if mesh_errors is not None else failed))
-    if mesh_errors is not None and isinstance(leaves[0], MeshError):
-        return leaves[0]
-    return MeshError(f"the node stopped after an internal error ({leaves[0]!r}); see the log")
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
-    return found
 
 
 def _now() -> float:

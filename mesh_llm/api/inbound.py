@@ -23,13 +23,14 @@ import aiohttp
 from mesh_llm.api.admission import LocalAdmission
 from mesh_llm.api.drain import SHUTTING_DOWN_CODE, SHUTTING_DOWN_MESSAGE, Drain
 from mesh_llm.api.metrics import CLIENT_CLOSED_STATUS, ERROR_STATUS, ApiMetrics
-from mesh_llm.api.openai import PROXIED_PATHS, InvalidRequest, error_body, validate_request
+from mesh_llm.api.openai import PROXIED_PATHS, error_body, validate_request
 from mesh_llm.api.operations import QUEUE_FULL_STATUS, queue_full_message
 from mesh_llm.api.proxy import ModelDirectory
 from mesh_llm.api.upstream import Upstream, UpstreamFailed, open_local
 from mesh_llm.config import ApiConfig
 from mesh_llm.core.router import RouteRefused, choose_route
 from mesh_llm.core.types import NodeId
+from mesh_llm.errors import InvalidRequest
 from mesh_llm.net.http_peer import serve_http
 from mesh_llm.net.streams import ByteStream
 from mesh_llm.wire.messages import HttpRequestHead
@@ -53,6 +54,7 @@ class InboundRequests:
         admission: LocalAdmission,
         metrics: ApiMetrics,
         drop: DropHandler | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self._directory = directory
         self._metrics = metrics
@@ -60,7 +62,8 @@ class InboundRequests:
         self._session = session
         self._config = config
         self.drop = drop
-        self.drain = Drain()  # the node's: counts the answers in flight, refuses while draining
+        # The node's: counts the answers in flight, refuses while draining.
+        self.drain = drain if drain is not None else Drain()
         self.served = 0
 
     async def serve(self, stream: ByteStream, peer: NodeId) -> None:

@@ -26,7 +26,6 @@ from mesh_llm.wire.messages import HttpRequestHead
 
 FORWARDED_HEADERS = ("Content-Type", "Retry-After")
 LOCAL_CONNECT_ATTEMPTS = 2  # a stale pooled connection, then a fresh one
-UPSTREAM_KEEPALIVE_S = ApiConfig().upstream_keepalive_s  # app.py's client pool (config.py)
 # What a request to another host can fail with: a mesh error (no lane, the stream broken off,
 # bad framing) or one of our timeouts (first byte, idle between chunks).
 PEER_FAILURES = (MeshError, TimeoutError)

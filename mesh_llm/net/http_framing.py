@@ -13,9 +13,9 @@ the zero length). Malformed input raises `FramingError`; a broken stream `Stream
 
 from __future__ import annotations
 
-from mesh_llm.errors import FramingError
+from mesh_llm.errors import DecodeError, FramingError
 from mesh_llm.net.streams import ByteStream
-from mesh_llm.wire.codec import DecodeError, decode_message, encode_frame
+from mesh_llm.wire.codec import decode_message, encode_frame
 from mesh_llm.wire.messages import HttpRequestHead, HttpResponseHead
 
 HEAD_MAX_BYTES = 64 * 1024  # request/response heads: method, path, headers

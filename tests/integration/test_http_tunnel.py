@@ -258,7 +258,7 @@ async def test_a_host_failing_before_its_answer_is_retried_on_a_replica(
     c = Running(a.peers._mesh, (token,))
     await c.start()
     stack.push_async_callback(c.stop)
-    await wait_until(lambda: c.identity.node_id in b.peers._links, "B linked to C", 20)
+    await wait_until(lambda: b.peers.is_linked(c.identity.node_id), "B linked to C", 20)
     base, access, session = await _api(stack, b, [a.identity.node_id, c.identity.node_id])
     fake_c = FakeLlama(healthy=True)
     await Host(c, fake_c).start(stack, session)

@@ -119,13 +119,13 @@ async def test_garbage_after_admission_closes_only_that_connection(
         connection = await endpoint.dial("127.0.0.1", port, node.identity.node_id, DEADLINE_S)
         channel = FramedChannel(await connection.open_stream(StreamType.CONTROL))
         await admit_outbound(channel, rogue, node.peers._mesh, expected=node.identity.node_id)
-        await wait_until(lambda: rogue.node_id in node.peers._links, "rogue linked")
+        await wait_until(lambda: node.peers.is_linked(rogue.node_id), "rogue linked")
         channel.stream.write(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")  # a frame of garbage
         await asyncio.wait_for(connection.wait_closed(), DEADLINE_S)
         assert "msgpack" in connection.close_reason or "frame" in connection.close_reason, (
             connection.close_reason
         )
-        await wait_until(lambda: rogue.node_id not in node.peers._links, "rogue dropped")
+        await wait_until(lambda: not node.peers.is_linked(rogue.node_id), "rogue dropped")
         # The node still admits and gossips with a well-behaved joiner.
         joiner = Running(node.peers._mesh, (token,))
         await joiner.start()
