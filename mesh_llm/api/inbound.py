@@ -74,8 +74,13 @@ class InboundRequests:
         try:
             async with asyncio.timeout(REQUEST_HEAD_TIMEOUT_S):
                 head, body = await read_request(stream, self._config.max_body_bytes)
-        except (TunnelProtocolError, StreamReset, TimeoutError) as exc:
-            log.warning("bad API request stream from %s: %s", peer[:10], exc)
+        except StreamReset as exc:
+            # Gone before its request: reset by the requester, or its whole connection closed
+            # (then the connection's end is logged once, not once per stream it had open).
+            log.debug("API request stream from %s ended before its request: %s", peer[:10], exc)
+            return
+        except (TunnelProtocolError, TimeoutError) as exc:
+            log.warning("bad API request stream from %s: %s", peer[:10], exc or "head timeout")
             stream.reset(RefuseCode.PROTOCOL_ERROR)
             return
         request_id = head.headers.get("X-Request-Id", "")
