@@ -75,9 +75,10 @@ class InboundRequests:
             async with asyncio.timeout(REQUEST_HEAD_TIMEOUT_S):
                 head, body = await read_request(stream, self._config.max_body_bytes)
         except StreamReset as exc:
-            # Gone before its request: reset by the requester, or its whole connection closed
-            # (then the connection's end is logged once, not once per stream it had open).
+            # Ended before its request: cut short, reset by the requester, or its whole
+            # connection closed (logged once as such, not once per stream it had open).
             log.debug("API request stream from %s ended before its request: %s", peer[:10], exc)
+            stream.reset(RefuseCode.PROTOCOL_ERROR)
             return
         except (TunnelProtocolError, TimeoutError) as exc:
             log.warning("bad API request stream from %s: %s", peer[:10], exc or "head timeout")
