@@ -32,14 +32,11 @@ check:
     {{venv}}/mypy
     {{venv}}/python -m pytest
 
-# Benchmarks against direct llama-server, measured in the same run (prints ratios).
-bench:
-    {{venv}}/python -m tests.bench.bench_solo
-    {{venv}}/python -m tests.bench.bench_mesh
-    {{venv}}/python -m tests.bench.bench_split
-    {{venv}}/python -m tests.bench.bench_proxy
-    {{venv}}/python -m tests.bench.bench_console
-    {{venv}}/python -m tests.bench.bench_affinity
+# One benchmark table (every figure beside its same-run reference and its goal), also written
+# to bench.json; ~15 min. `just bench --quick` is a smoke test. Each tests/bench/bench_*.py also
+# runs alone (`python -m tests.bench.bench_solo`) with more detail.
+bench *ARGS:
+    {{venv}}/python -m tests.bench.run {{ARGS}}
 
 # The load test for 30 minutes instead of 60 s: 200 concurrent streams through a client node
 # (not in CI; prints requests/s, TTFB p50/p99 and the nodes' RSS before/after).

@@ -27,6 +27,11 @@ Publishing a mean of a few samples makes every node republish its record soon af
 mean has moved: at 200 nodes that wave costs more than all the heartbeats.
 """
 
+HEARTBEAT_RTT_EVERY = 4
+"""A peer that pings us needs no ping back for liveness; every this many heartbeats we ping it
+anyway, so both ends keep measuring RTT (the roles then swap: about one ping per link and
+heartbeat instead of two)."""
+
 
 class PeerState(StrEnum):
     ALIVE = "alive"
@@ -45,6 +50,10 @@ class PeerLink:
     rtt_samples: int = 0
     rtt_var_ms2: float = 0.0  # smoothed variance of the samples
     pings: dict[int, float] = field(default_factory=dict)
+    peer_pinged_at: float | None = None
+    """When the peer's last `Ping` arrived: its heartbeat keeps both ends hearing each other."""
+    skipped: int = 0
+    """Heartbeats in a row we sent this peer no ping (it was pinging us)."""
 
     @property
     def state(self) -> PeerState:
@@ -57,7 +66,18 @@ class PeerLink:
         recovered, self.suspect = self.suspect, False
         return recovered
 
+    def needs_heartbeat(self, now: float, interval_s: float) -> bool:
+        """Whether this heartbeat pings the peer: not if it pinged us within the last
+        interval (its ping and our pong already carry liveness both ways), unless we skipped
+        `HEARTBEAT_RTT_EVERY - 1` in a row. A skip counts as one; a ping resets the count."""
+        pinged_us = self.peer_pinged_at is not None and now - self.peer_pinged_at < interval_s
+        if pinged_us and self.skipped < HEARTBEAT_RTT_EVERY - 1:
+            self.skipped += 1
+            return False
+        return True
+
     def ping_sent(self, seq: int, now: float) -> None:
+        self.skipped = 0
         self.pings[seq] = now
         while len(self.pings) > MAX_PENDING_PINGS:
             del self.pings[next(iter(self.pings))]

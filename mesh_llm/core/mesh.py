@@ -276,6 +276,7 @@ class MeshCore:
             case Want():
                 self._on_want(peer, msg)
             case Ping():
+                self._links[peer].peer_pinged_at = now
                 self._send(peer, Pong(msg.seq))
             case Pong():
                 self._links[peer].pong_received(msg.seq, now)
@@ -447,8 +448,10 @@ class MeshCore:
                 self._events.append(PeerSuspected(peer))
 
     def _heartbeat(self, now: float) -> None:
+        interval = self._timings.heartbeat_interval_s
         for peer, link in self._links.items():
-            self._ping(peer, link, now)
+            if link.needs_heartbeat(now, interval):
+                self._ping(peer, link, now)
         assert self._next_heartbeat is not None
         self._next_heartbeat = _advance(
             self._next_heartbeat, self._timings.heartbeat_interval_s, now

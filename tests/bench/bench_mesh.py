@@ -2,7 +2,8 @@
 
 Prints the time from starting four joiners (all with the seed's token) until every node lists
 all four others, and the time from `kill -9` of one node until every survivor has dropped it.
-Run with `python -m tests.bench.bench_mesh` (part of `just bench`).
+`measure` is one run (the table of `just bench` takes the median of several); run alone with
+`python -m tests.bench.bench_mesh`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from tests.e2e.harness import MeshProcess, wait_until
 NODES = 5
 
 
-def main() -> int:
+def measure() -> tuple[float, float]:
+    """(seconds from starting the joiners to a full mesh everywhere, seconds from `kill -9` of
+    one node until every survivor dropped it)."""
     binaries = ensure_binaries(BackendConfig(), load_config().cache_dir)
     with tempfile.TemporaryDirectory(prefix="mesh-llm-bench-") as tmp:
         models = Path(tmp) / "models"
@@ -54,6 +57,11 @@ def main() -> int:
         finally:
             for node in nodes:
                 node.stop()
+    return joined_s, detected_s
+
+
+def main() -> int:
+    joined_s, detected_s = measure()
     print(f"{NODES} nodes on loopback:")
     print(f"  start of {NODES - 1} joiners → full mesh everywhere: {joined_s:.2f} s")
     print(f"  kill -9 → every survivor dropped it: {detected_s:.2f} s")

@@ -9,7 +9,9 @@ Starts host A (`--model gemma-3-270m` with `--llama-server-path` pointing at
    apart): requests completed, errors, events/s, and the RSS of A and C before and after.
 3. Time to first byte of short streams (2 events), sequential, legs shuffled each round:
    the proxy's own added latency per route, without a model competing for the CPU.
-Run with `python -m tests.bench.bench_proxy` (part of `just bench`).
+4. `/v1/models` requests per second, sequential on one keep-alive connection, per route.
+`measure` (1, 3 and 4, legs interleaved) is what the table of `just bench` shows; run
+`python -m tests.bench.bench_proxy` for all four.
 """
 
 from __future__ import annotations
@@ -55,12 +57,32 @@ async def count_events(session: aiohttp.ClientSession, base: str) -> int:
     return events
 
 
-async def events_per_s(base: str) -> float:
+async def events_per_s(base: str, warm_up: bool = True) -> float:
     async with aiohttp.ClientSession() as session:
-        await count_events(session, base)  # warm-up (connections, on-demand QUIC link)
+        if warm_up:
+            await count_events(session, base)  # warm-up (connections, on-demand QUIC link)
         started = time.perf_counter()
         events = await count_events(session, base)
         return events / (time.perf_counter() - started)
+
+
+def models_per_s(base: str, seconds: float) -> float:
+    """Sequential `GET /v1/models` on one keep-alive connection for `seconds`: requests/s."""
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    done = 0
+    started = time.perf_counter()
+    try:
+        while (elapsed := time.perf_counter() - started) < seconds:
+            connection.request("GET", "/v1/models")
+            response = connection.getresponse()
+            body = response.read()
+            if response.status != 200 or b'"data"' not in body:
+                raise RuntimeError(f"/v1/models: HTTP {response.status}: {body[:200]!r}")
+            done += 1
+    finally:
+        connection.close()
+    return done / elapsed
 
 
 async def soak(base: str) -> tuple[int, int, int]:
@@ -143,32 +165,64 @@ def first_byte_s(base: str) -> float:
     return first
 
 
+Samples = dict[str, list[float]]
+
+
+def measure_rates(root: Path, runs: int, events: int = LONG_STREAM_EVENTS) -> Samples:
+    """Events/s of one long stream per route, `runs` rounds, routes shuffled each round."""
+    with topology(root, "rate", {"FAKE_LLAMA_CHUNKS": str(events)}) as nodes:
+        urls = bases(nodes)
+        for base in urls.values():
+            asyncio.run(events_per_s(base, warm_up=False))  # connections, on-demand links
+        samples: Samples = {key: [] for key in urls}
+        order, shuffle = list(urls), random.Random(1).shuffle
+        for _ in range(runs):
+            shuffle(order)
+            for key in order:
+                samples[key].append(asyncio.run(events_per_s(urls[key], warm_up=False)))
+    return samples
+
+
+def measure_latency(root: Path, rounds: int, models_s: float) -> tuple[Samples, Samples]:
+    """(time to first byte s of `rounds` short streams per route, `/v1/models` requests/s of
+    `models_s`-second runs, five per route), routes shuffled each round."""
+    with topology(root, "latency", {"FAKE_LLAMA_CHUNKS": str(LATENCY_EVENTS)}) as nodes:
+        urls = bases(nodes)
+        for base in urls.values():
+            first_byte_s(base)  # warm-up: connections, on-demand links
+        samples: Samples = {key: [] for key in urls}
+        order, shuffle = list(urls), random.Random(0).shuffle
+        for _ in range(rounds):
+            shuffle(order)
+            for key in order:
+                samples[key].append(first_byte_s(urls[key]))
+        models: Samples = {key: [] for key in urls if key != "direct"}
+        order = list(models)
+        for _ in range(5):
+            shuffle(order)
+            for key in order:
+                models[key].append(models_per_s(urls[key], models_s))
+    return samples, models
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mesh-llm-bench-proxy-") as tmp:
         root = Path(tmp)
         install_demo_model(root / "models", None)
-        with topology(root, "rate", {"FAKE_LLAMA_CHUNKS": str(LONG_STREAM_EVENTS)}) as nodes:
-            rates = {key: asyncio.run(events_per_s(base)) for key, base in bases(nodes).items()}
+        rates = {key: statistics.median(v) for key, v in measure_rates(root, 3).items()}
         print(f"one stream of {LONG_STREAM_EVENTS} SSE events, fake upstream, events/s:")
         for key, rate in rates.items():
             name = NAMES.get(key, key)
             print(f"  {name:18s} {rate:9.0f} events/s  ({rate / rates['direct']:.2f} of direct)")
 
-        with topology(root, "latency", {"FAKE_LLAMA_CHUNKS": str(LATENCY_EVENTS)}) as nodes:
-            urls = bases(nodes)
-            for base in urls.values():
-                first_byte_s(base)  # warm-up: connections, on-demand links
-            samples: dict[str, list[float]] = {key: [] for key in urls}
-            order, shuffle = list(urls), random.Random(0).shuffle
-            for _ in range(LATENCY_ROUNDS):
-                shuffle(order)
-                for key in order:
-                    samples[key].append(first_byte_s(urls[key]))
+        samples, models = measure_latency(root, LATENCY_ROUNDS, 2.0)
         medians = {key: statistics.median(v) * 1000 for key, v in samples.items()}
         print(f"time to first byte, {LATENCY_ROUNDS} short streams per route, medians:")
         for key, median in medians.items():
             added = median - medians["direct"]
             print(f"  {NAMES.get(key, key):18s} {median:6.2f} ms  ({added:+.2f} ms)")
+        for key, values in models.items():
+            print(f"  /v1/models {NAMES.get(key, key):18s} {statistics.median(values):7.0f} req/s")
 
         soak_env = {"FAKE_LLAMA_CHUNKS": str(SOAK_EVENTS), "FAKE_LLAMA_DELAY_S": str(SOAK_DELAY_S)}
         with topology(root, "soak", soak_env) as nodes:

@@ -28,7 +28,8 @@ Prints generation tokens/s, prompt processing tokens/s, time to first token (med
 ratio of each to direct, the bytes each tunnel carried per generated token, and for the fast
 and QUIC lanes the model load time and bytes through the tunnel for a first load (empty rpc
 tensor cache) and a second load (llama-server restarted: the cache holds the tensors, so only
-hashes cross). Run: `python -m tests.bench.bench_split` (ROUNDS=5 in the environment for more).
+hashes cross). Run: `python -m tests.bench.bench_split` (ROUNDS=5 in the environment for more);
+the table of `just bench` runs `measure` with direct, fast and quic only.
 """
 
 from __future__ import annotations
@@ -97,8 +98,11 @@ class Config:
 
 
 class Bench:
-    def __init__(self, binaries: Binaries, model: Path, tmp: Path) -> None:
+    def __init__(
+        self, binaries: Binaries, model: Path, tmp: Path, threads: int | None = None
+    ) -> None:
         self.binaries, self.model, self.tmp = binaries, model, tmp
+        self.threads = threads  # -t of every rpc-server instead of each config's own
         self.host = NodeIdentity.generate()
         self.children: list[subprocess.Popen[bytes]] = []
         self.endpoints: list[QuicEndpoint] = []
@@ -108,6 +112,7 @@ class Bench:
     def rpc_server(self, name: str, threads: int | None = CORES) -> int:
         assert self.binaries.rpc_server is not None
         port = free_tcp_port()
+        threads = self.threads or threads
         env = {**os.environ, "LLAMA_CACHE": str(self.tmp / f"cache-{name}")}  # cold cache
         argv = build_rpc_server_argv(self.binaries.rpc_server, port, threads=threads)
         self.children.append(_spawn(argv, env))
@@ -297,7 +302,7 @@ def _measure(config: Config) -> tuple[float, float, float, float]:
     generation = _complete(config.llama_port, "Hello", N_PREDICT)
     per_token = (_tunnel_bytes(config) - before) / generation["predicted_n"]
     prompt = _complete(config.llama_port, PROMPT, 1)["prompt_per_second"]
-    ttft = stream_once(config.llama_port)[0]
+    ttft = stream_once(config.llama_port, 2)[0]  # the first token is all TTFT needs
     return generation["predicted_per_second"], prompt, ttft, per_token
 
 
@@ -315,26 +320,40 @@ def _configs(layers: int) -> list[Config]:
     ]
 
 
-async def run(binaries: Binaries, model: Path, tmp: Path) -> None:
+Results = dict[str, list[tuple[float, float, float, float]]]
+
+
+async def run(
+    binaries: Binaries,
+    model: Path,
+    tmp: Path,
+    rounds: int = ROUNDS,
+    names: tuple[str, ...] | None = None,
+    threads: int | None = None,
+) -> Results:
+    """Every configuration (or those `names`), `rounds` interleaved rounds of `_measure`;
+    `threads`: -t of every rpc-server (default: each configuration's own)."""
     layers = read_gguf_info(model).block_count
-    configs = _configs(layers)
-    bench = Bench(binaries, model, tmp)
+    configs = [c for c in _configs(layers) if names is None or c.name in names]
+    bench = Bench(binaries, model, tmp, threads)
     loads: dict[str, list[tuple[float, int]]] = {}
     try:
         for config in configs:
             await bench.prepare(config)
             loads[config.name] = [await bench.load(config)]
         for config in configs:  # second load: the rpc-servers' tensor caches are warm
-            if config.name in ("direct", "fast", "quic"):
+            if config.name in ("direct", "fast", "quic") and names is None:
                 await bench.stop_llama(config)
                 loads[config.name].append(await bench.load(config))
         for config in configs:
             await asyncio.to_thread(_measure, config)  # warm-up
         results: dict[str, list[tuple[float, float, float, float]]] = {c.name: [] for c in configs}
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             for config in configs:
                 results[config.name].append(await asyncio.to_thread(_measure, config))
-        _report(configs, results, loads, layers)
+        if names is None:
+            _report(configs, results, loads, layers)
+        return results
     finally:
         await bench.close()
         for config in configs:
@@ -350,7 +369,8 @@ def _report(
     layers: int,
 ) -> None:
     direct = [statistics.median(r[i] for r in results["direct"]) for i in range(3)]
-    print(f"\nsplit of the demo model ({layers} layers), medians of {ROUNDS} rounds, same run")
+    rounds = len(results["direct"])
+    print(f"\nsplit of the demo model ({layers} layers), medians of {rounds} rounds, same run")
     print(
         f"{'config':>11} {'gen tok/s':>10} {'ratio':>6} {'pp tok/s':>9} {'ratio':>6} "
         f"{'TTFT ms':>8} {'tunnel B/token':>15}"
@@ -373,11 +393,21 @@ def _report(
         )
 
 
-def main() -> int:
+def measure(
+    rounds: int = ROUNDS, names: tuple[str, ...] | None = None, threads: int | None = None
+) -> Results:
+    """Per configuration, one (gen tok/s, pp tok/s, TTFT s, tunnel B/token) per round.
+
+    `threads=1` on a small shared machine: two rpc-servers whose -t 2 threads spin on a
+    barrier slow down a hundredfold when other work holds the cores."""
     binaries = ensure_binaries(BackendConfig(), load_config().cache_dir)
     with tempfile.TemporaryDirectory(prefix="mesh-llm-bench-") as tmp:
         model = install_demo_model(Path(tmp) / "models", None)
-        asyncio.run(run(binaries, model, Path(tmp)))
+        return asyncio.run(run(binaries, model, Path(tmp), rounds, names, threads))
+
+
+def main() -> int:
+    measure()
     return 0
 
 

@@ -191,3 +191,73 @@ class MeshProcess:
         for child in children:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
+
+
+class Nodes:
+    """The `mesh-llm` processes one test (or one module's fixture) started, all on the same
+    llama.cpp binaries; `close()` stops every one of them, in start order.
+
+    `start` gives each node `--models-dir` (this group's, or its own), `--bin-dir` and JSON
+    logs; `config` is written as the home's config.toml (the group's default, or per node).
+    `seed` starts a node and waits for its invite token. Nodes made elsewhere (e.g. a restart
+    on the same home) are added to `nodes` so that `close()` stops them too.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        bin_dir: Path,
+        models_dir: Path,
+        *,
+        config: str = "",
+        seed_model: str | None = None,
+    ) -> None:
+        self.root = root
+        self.bin_dir = str(bin_dir)
+        self.models_dir = models_dir
+        self.config = config
+        self.seed_model = seed_model
+        self.nodes: list[MeshProcess] = []
+
+    def common(self, models_dir: Path | None = None) -> list[str]:
+        """The arguments every node of this group gets."""
+        models = str(models_dir or self.models_dir)
+        return ["--models-dir", models, "--bin-dir", self.bin_dir, "--log-format", "json"]
+
+    def start(
+        self,
+        name: str,
+        *args: str,
+        models_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        config: str | None = None,
+        home: Path | None = None,
+        **process: Any,
+    ) -> MeshProcess:
+        node = MeshProcess(home or self.root / name, [*args, *self.common(models_dir)], **process)
+        node.env = env or {}
+        text = self.config if config is None else config
+        if text:
+            node.home.mkdir(parents=True, exist_ok=True)
+            (node.home / "config.toml").write_text(text)
+        self.nodes.append(node.start())
+        return node
+
+    def seed(
+        self, *args: str, name: str = "seed", model: str | None = None, **kwargs: Any
+    ) -> tuple[MeshProcess, str]:
+        """A node serving `model` (default: the group's `seed_model`) and its invite token."""
+        chosen = model or self.seed_model
+        node = self.start(name, *(("--model", chosen) if chosen else ()), *args, **kwargs)
+        return node, invite_token(node)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def invite_token(node: MeshProcess, timeout_s: float = 30.0) -> str:
+    """The node's invite token, once it has one."""
+    wait_until(lambda: bool(node.status().get("token")), timeout_s, f"token of {node.home.name}")
+    token: str = node.status()["token"]
+    return token

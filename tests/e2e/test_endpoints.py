@@ -1,19 +1,19 @@
 """End-to-end: every API a client speaks, from a `--client` node, to models on two hosts.
 
-Topology (module scope): host A serves the chat model with embeddings enabled
-(`--embeddings`, mean pooling); host B joins and serves the second model (chat only); C is a
+Topology (module scope): host A serves gemma-3-270m with embeddings enabled
+(`--embeddings`, mean pooling); host B joins and serves SmolLM2-135M (chat only), a different
+real model (tests/e2e/models.py); C is a
 passive `--client` with an API key. From C: the official `openai` SDK (chat, streaming chat,
 `responses.create`, embeddings) and the official `anthropic` SDK (`messages.create` plain and
 streaming, `count_tokens`) reach both hosts; `/tokenize` reaches the host serving the model it
 names; embeddings to a chat-only model and `/v1/rerank` (no reranker in the mesh) are clear
 400s; `/v1/messages` answers Anthropic-shaped 401 and 404. Real processes, real llama-server,
-the real demo models (base models: every generation is capped with `max_tokens`).
+both real models (gemma is a base model: every generation is capped with `max_tokens`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -27,13 +27,14 @@ import pytest
 
 from mesh_llm.backend.build import Binaries
 from tests.e2e.harness import MeshProcess, wait_until
+from tests.e2e.models import GEMMA, SMOLLM2
 
 pytestmark = pytest.mark.e2e
 
-# The models of this test, in one place: (catalog name or file stem, file in the demo dir).
-EMBEDDING_HOST_MODEL = "gemma-3-270m"  # host A, served with --embeddings
-CHAT_ONLY_MODEL = "gemma-copy"  # host B: the second model (a link to the demo file for now)
-DEMO_FILE = "gemma-3-270m-q4_k_m.gguf"
+# The models of this test, in one place: catalog names (API aliases) and served names.
+EMBEDDING_HOST_MODEL = GEMMA.catalog  # host A, served with --embeddings
+CHAT_ONLY_MODEL = SMOLLM2.catalog  # host B: the second, different real model
+CHAT_ONLY_NAME = SMOLLM2.name  # what /v1/models and error messages call it
 EMBEDDING_LENGTH = 640  # gemma-3-270m's embedding_length
 API_KEY = "e2e-endpoints-key"
 MAX_TOKENS = 8
@@ -116,10 +117,7 @@ def mesh(
         )
         wait_until(lambda: bool(a.status().get("token")), 30, "invite token")
         token = a.status()["token"]
-        b_models = root / "b-models"
-        b_models.mkdir()
-        os.link(demo_models_dir / DEMO_FILE, b_models / f"{CHAT_ONLY_MODEL}.gguf")
-        b = start("b", b_models, "--model", CHAT_ONLY_MODEL, "--join", token)
+        b = start("b", demo_models_dir, "--model", CHAT_ONLY_MODEL, "--join", token)
         c = start("c", demo_models_dir, "--client", "--join", token)
         a.wait_ready()
         b.wait_ready()
@@ -176,8 +174,8 @@ def test_openai_sdk_reaches_both_hosts(
         with pytest.raises(openai.BadRequestError) as refused:
             client.embeddings.create(model=CHAT_ONLY_MODEL, input="hello")
         message = str(refused.value)
-        assert f"{CHAT_ONLY_MODEL} cannot answer embeddings" in message
-        assert f"models that can: {EMBEDDING_HOST_MODEL}" in message
+        assert f"{CHAT_ONLY_NAME} cannot answer embeddings" in message
+        assert f"models that can: {GEMMA.name}" in message
 
 
 def test_anthropic_sdk_reaches_both_hosts(

@@ -7,7 +7,9 @@ streams with random bytes and never finish them; a flood of TCP connections to t
 with random bytes, half-open ones that send nothing, and TLS that never completes. Meanwhile and
 after: A keeps answering its API and serving B (a chat through B reaches A's model), B still
 sees A alive, A's memory stays within a stated bound, and A logs no traceback and at most two
-lines per bad connection.
+lines per bad connection. A second test opens 300 API streams on an *admitted* QUIC connection
+(a passive client with the invite token): A's QUIC flow control holds back all beyond 128, and
+when the client ignores that limit A closes its connection; A keeps serving throughout.
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamDataReceived
 
 from mesh_llm.backend.build import Binaries
-from mesh_llm.wire.messages import ALPN
+from mesh_llm.identity import MeshSecret, NodeIdentity
+from mesh_llm.net.admission import FramedChannel, admit_outbound
+from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
+from mesh_llm.token import decode_token
+from mesh_llm.wire.messages import ALPN, RefuseCode, StreamType
 from tests.e2e.harness import MeshProcess, http_status, wait_until
 from tests.fakes.fake_llama_server import write_wrapper
 
@@ -229,4 +235,73 @@ def test_garbage_and_floods_on_the_mesh_ports(pair: tuple[MeshProcess, MeshProce
     bad_connections = ROUNDS * (QUIC_CONNECTIONS + TCP_GARBAGE + TCP_HALF_OPEN)
     print(f"A logged {len(new)} lines for {bad_connections} bad connections")
     assert len(new) <= 2 * bad_connections, [e["msg"] for e in new[:20]]
+    assert a.proc is not None and a.proc.poll() is None
+
+
+ADMITTED_STREAMS = 300  # on one admitted connection; aioquic lets a peer open 128 at a time
+QUIC_STREAM_LIMIT = 128
+FLOOD_ROUNDS = 2
+FLOOD_RSS_BOUND_MB = 100.0  # 128 waiting stream handlers and their buffers: a few MB measured
+
+
+async def _refuse_streams(_c: QuicPeerConnection, _k: StreamType, stream: QuicStream) -> None:
+    stream.reset(RefuseCode.UNKNOWN_STREAM)
+
+
+async def _admitted_stream_flood(token_text: str, port: int, a: MeshProcess, b: MeshProcess) -> int:
+    """An admitted passive client opens ADMITTED_STREAMS API streams and never sends a request
+    on them; returns how many stayed blocked by A's stream limit. Then it ignores the limit
+    (sends on streams A never granted): A must close that connection."""
+    token = decode_token(token_text)
+    identity = NodeIdentity.generate()
+    endpoint = await QuicEndpoint.bind(identity, "127.0.0.1", 0, _refuse_streams, lambda _c: None)
+    try:
+        async with asyncio.timeout(60):
+            connection = await endpoint.dial("127.0.0.1", port, token.node_id, 20.0)
+            channel = FramedChannel(await connection.open_stream(StreamType.CONTROL))
+            mesh = MeshSecret(token.mesh_id, token.secret)
+            await admit_outbound(channel, identity, mesh, expected=token.node_id, client=True)
+            for _ in range(ADMITTED_STREAMS):
+                await connection.open_stream(StreamType.HTTP)  # the type byte, then nothing
+            await asyncio.sleep(2)
+            quic = connection._quic  # the test's own client: what A's flow control held back
+            blocked = len(quic._streams_blocked_bidi)
+            # A keeps serving its API and its peer while 128 streams of ours wait on it.
+            assert await asyncio.to_thread(http_status, a.base_url + "/healthz") == 200
+            assert await asyncio.to_thread(_chat_through, b) == 200
+            assert await asyncio.to_thread(_chat_through, a) == 200
+            # Now a broken client: it pretends A granted 10,000 streams and sends on them.
+            quic._remote_max_streams_bidi = 10_000
+            quic._unblock_streams(False)
+            connection.transmit()
+            await connection.wait_closed()  # A closes it (within the 60 s timeout above)
+            print(f"\nflood: {blocked} streams blocked; A closed us: {connection.close_reason!r}")
+            return blocked
+    finally:
+        endpoint.close()
+
+
+def test_more_than_128_streams_on_an_admitted_connection(
+    pair: tuple[MeshProcess, MeshProcess],
+) -> None:
+    a, b = pair
+    status = a.status()
+    quic_port, token = status["node"]["mesh_port"], status["token"]
+    assert _chat_through(b) == 200
+    lines_before = len(_log_entries(a))
+    rss = [_rss_mb(a)]
+    for _ in range(FLOOD_ROUNDS):
+        blocked = asyncio.run(_admitted_stream_flood(token, quic_port, a, b))
+        # A granted at most 128 streams (the control stream is one of them): the rest waited.
+        assert blocked >= ADMITTED_STREAMS + 1 - QUIC_STREAM_LIMIT, blocked
+        time.sleep(3)  # A cleans up the closed connection's stream handlers
+        rss.append(_rss_mb(a))
+    print(f"A's RSS (MB) before and after each flood: {[round(r) for r in rss]}")
+    assert max(rss) - rss[0] <= FLOOD_RSS_BOUND_MB, rss
+    wait_until(lambda: _chat_through(b) == 200 and _chat_through(a) == 200, 30, "A serves")
+    peer = next(p for p in b.status()["peers"] if p["node_id"] == a.node_id())
+    assert peer["state"] == "alive", peer
+    new = _log_entries(a)[lines_before:]
+    assert not [e for e in new if e.get("level") in ("error", "critical") or "exc" in e], new[:5]
+    assert len(new) <= 10 * FLOOD_ROUNDS, [e.get("msg") for e in new]
     assert a.proc is not None and a.proc.poll() is None

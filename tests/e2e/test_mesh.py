@@ -18,7 +18,7 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from mesh_llm.backend.build import Binaries
-from tests.e2e.harness import MeshProcess, free_tcp_port, http_status, wait_until
+from tests.e2e.harness import MeshProcess, Nodes, free_tcp_port, http_status, wait_until
 from tests.e2e.models import GEMMA, SMOLLM2
 
 pytestmark = pytest.mark.e2e
@@ -27,40 +27,10 @@ JOIN_TIMEOUT_S = 15.0
 DEAD_GOAL_S = 10.0  # DESIGN.md §5: silent for 10 s ⇒ dead
 
 
-class Mesh:
-    """Processes started by one test; every one is stopped in `close()`."""
-
-    def __init__(self, root: Path, binaries: Binaries, models_dir: Path) -> None:
-        self.root = root
-        self.common = [
-            "--models-dir",
-            str(models_dir),
-            "--bin-dir",
-            str(binaries.llama_server.parent),
-        ]
-        self.nodes: list[MeshProcess] = []
-
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> MeshProcess:
-        node = MeshProcess(self.root / name, [*args, *self.common, "--log-format", "json"])
-        node.env = env or {}
-        self.nodes.append(node.start())
-        return node
-
-    def seed(
-        self, name: str = "seed", *extra: str, model: str = SMOLLM2.catalog
-    ) -> tuple[MeshProcess, str]:
-        node = self.start(name, "--model", model, *extra)
-        wait_until(lambda: bool(node.status().get("token")), 30, "seed token")
-        return node, node.status()["token"]
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.stop()
-
-
 @pytest.fixture
-def mesh(tmp_path: Path, llama_binaries: Binaries, demo_models_dir: Path) -> Iterator[Mesh]:
-    group = Mesh(tmp_path, llama_binaries, demo_models_dir)
+def mesh(tmp_path: Path, llama_binaries: Binaries, demo_models_dir: Path) -> Iterator[Nodes]:
+    bin_dir = llama_binaries.llama_server.parent
+    group = Nodes(tmp_path, bin_dir, demo_models_dir, seed_model=SMOLLM2.catalog)
     try:
         yield group
     finally:
@@ -71,7 +41,7 @@ def _sees(node: MeshProcess, others: list[MeshProcess]) -> bool:
     return {o.node_id() for o in others} <= node.peer_ids()
 
 
-def test_three_nodes_join_and_see_each_other(mesh: Mesh) -> None:
+def test_three_nodes_join_and_see_each_other(mesh: Nodes) -> None:
     seed, token = mesh.seed()
     a = mesh.start("a", "--join", token)
     started = time.monotonic()
@@ -103,7 +73,7 @@ def test_three_nodes_join_and_see_each_other(mesh: Mesh) -> None:
     assert b_view["record"]["vram_bytes"] == 1_000_000_000
 
 
-def test_kill_9_is_detected_and_never_resurrected(mesh: Mesh) -> None:
+def test_kill_9_is_detected_and_never_resurrected(mesh: Nodes) -> None:
     seed, token = mesh.seed()
     a = mesh.start("a", "--join", token)
     b = mesh.start("b", "--join", token)
@@ -126,7 +96,7 @@ def test_kill_9_is_detected_and_never_resurrected(mesh: Mesh) -> None:
     assert victim not in seed.peer_ids() and victim not in a.peer_ids()
 
 
-def test_clean_leave_is_seen_at_once(mesh: Mesh) -> None:
+def test_clean_leave_is_seen_at_once(mesh: Nodes) -> None:
     seed, token = mesh.seed()
     a = mesh.start("a", "--join", token)
     wait_until(lambda: _sees(seed, [a]), JOIN_TIMEOUT_S, "a joined")
@@ -138,9 +108,9 @@ def test_clean_leave_is_seen_at_once(mesh: Mesh) -> None:
     print(f"clean leave seen in {time.monotonic() - left:.2f} s")
 
 
-def test_seeder_restart_re_forms_the_mesh(mesh: Mesh) -> None:
+def test_seeder_restart_re_forms_the_mesh(mesh: Nodes) -> None:
     port = free_tcp_port()
-    seed, token = mesh.seed("seed", "--bind-port", str(port))
+    seed, token = mesh.seed("--bind-port", str(port))
     a = mesh.start("a", "--join", token)
     wait_until(lambda: _sees(seed, [a]) and _sees(a, [seed]), JOIN_TIMEOUT_S, "a joined")
     seed_id = seed.node_id()
@@ -163,7 +133,7 @@ def _forged_token(token: str) -> str:
     return base64.urlsafe_b64encode(msgpack.packb(data, use_bin_type=True)).rstrip(b"=").decode()
 
 
-def test_wrong_secret_is_refused_with_a_reason(mesh: Mesh) -> None:
+def test_wrong_secret_is_refused_with_a_reason(mesh: Nodes) -> None:
     seed, token = mesh.seed()
     intruder = mesh.start("intruder", "--join", _forged_token(token))
     wait_until(lambda: "wrong mesh secret" in intruder.log_text(), JOIN_TIMEOUT_S, "refusal logged")
@@ -172,7 +142,7 @@ def test_wrong_secret_is_refused_with_a_reason(mesh: Mesh) -> None:
     assert intruder.status()["peers"] == []
 
 
-def test_passive_client_gets_routes_and_stays_invisible(mesh: Mesh) -> None:
+def test_passive_client_gets_routes_and_stays_invisible(mesh: Nodes) -> None:
     seed, token = mesh.seed()
     a = mesh.start("a", "--join", token)
     wait_until(lambda: _sees(seed, [a]), JOIN_TIMEOUT_S, "a joined")
@@ -194,17 +164,17 @@ def test_passive_client_gets_routes_and_stays_invisible(mesh: Mesh) -> None:
     )
 
 
-def test_two_nodes_with_the_same_key_are_detected(mesh: Mesh) -> None:
+def test_two_nodes_with_the_same_key_are_detected(mesh: Nodes) -> None:
     seed, token = mesh.seed()
-    twin = MeshProcess(seed.home, ["--join", token, *mesh.common, "--log-format", "json"])
+    twin = MeshProcess(seed.home, ["--join", token, *mesh.common()])
     mesh.nodes.append(twin.start())  # same home: the same ~/.mesh-llm/key
     wait_until(lambda: "uses this node's own key" in twin.log_text(), JOIN_TIMEOUT_S, "refusal")
     assert "uses this node's own key" in seed.log_text()
     assert seed.status()["peers"] == []
 
 
-def test_worker_death_replans_to_solo(mesh: Mesh) -> None:
-    seed, token = mesh.seed("seed", "--split", model=GEMMA.catalog)
+def test_worker_death_replans_to_solo(mesh: Nodes) -> None:
+    seed, token = mesh.seed("--split", model=GEMMA.catalog)
     worker = mesh.start("worker", "--join", token)  # standby worker
     wait_until(lambda: "--rpc" in seed.llama_argv(), 120, "a split llama-server")
     first = seed.llama_server().pid
@@ -219,10 +189,10 @@ def test_worker_death_replans_to_solo(mesh: Mesh) -> None:
 
 
 def test_standby_is_promoted_when_the_only_host_of_a_wanted_model_dies(
-    mesh: Mesh, tmp_path: Path, demo_models_dir: Path
+    mesh: Nodes, tmp_path: Path, demo_models_dir: Path
 ) -> None:
-    _seed, token = mesh.seed("seed", "--model", GEMMA.catalog)
-    bin_dir = mesh.common[mesh.common.index("--bin-dir") + 1]
+    _seed, token = mesh.seed("--model", GEMMA.catalog)
+    bin_dir = mesh.bin_dir
 
     def joiner(name: str) -> MeshProcess:
         models = tmp_path / f"{name}-models"

@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from mesh_llm.backend.build import Binaries
-from tests.e2e.harness import MeshProcess, wait_until
-from tests.e2e.test_reference_plan import FIRST, READY_TIMEOUT_S, SPLIT_TIMEOUT_S, Nodes
+from tests.e2e.harness import MeshProcess, Nodes, wait_until
+from tests.e2e.test_reference_plan import FIRST, READY_TIMEOUT_S, SPLIT_TIMEOUT_S
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +29,7 @@ LLAMA_CPP = ("llama-server", "rpc-server", "ggml-rpc-server")
 
 @pytest.fixture
 def nodes(tmp_path: Path, llama_binaries: Binaries, demo_models_dir: Path) -> Iterator[Nodes]:
-    group = Nodes(tmp_path, llama_binaries, demo_models_dir)
+    group = Nodes(tmp_path, llama_binaries.llama_server.parent, demo_models_dir, seed_model=FIRST)
     try:
         yield group
     finally:

@@ -22,9 +22,8 @@ import pytest
 from openai import OpenAI
 
 from mesh_llm.backend.build import Binaries
-from tests.e2e.harness import MeshProcess, free_tcp_port, wait_until
+from tests.e2e.harness import MeshProcess, Nodes, free_tcp_port, wait_until
 from tests.e2e.models import GEMMA
-from tests.e2e.test_mesh import Mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -37,8 +36,8 @@ STARTED = "llama-server started"
 
 
 @pytest.fixture
-def mesh(tmp_path: Path, llama_binaries: Binaries, demo_models_dir: Path) -> Iterator[Mesh]:
-    group = Mesh(tmp_path, llama_binaries, demo_models_dir)
+def mesh(tmp_path: Path, llama_binaries: Binaries, demo_models_dir: Path) -> Iterator[Nodes]:
+    group = Nodes(tmp_path, llama_binaries.llama_server.parent, demo_models_dir)
     try:
         yield group
     finally:
@@ -78,8 +77,8 @@ def _tunnels(node: MeshProcess) -> list[dict[str, Any]]:
     return tunnels
 
 
-def test_host_death_another_member_takes_over(mesh: Mesh) -> None:
-    seed, token = mesh.seed("seed", "--split", model=GEMMA.catalog)
+def test_host_death_another_member_takes_over(mesh: Nodes) -> None:
+    seed, token = mesh.seed("--split", model=GEMMA.catalog)
     # A member of the group (it serves the same model) that lends its VRAM as the rpc worker.
     member = mesh.start("member", "--model", GEMMA.catalog, "--join", token, "--max-vram", "1")
     _split_ready(seed)
@@ -97,8 +96,8 @@ def test_host_death_another_member_takes_over(mesh: Mesh) -> None:
     assert models[MODEL] == "ready"
 
 
-def test_llama_server_starts_once_per_election_result_across_a_split(mesh: Mesh) -> None:
-    seed, token = mesh.seed("seed", "--split", model=GEMMA.catalog)
+def test_llama_server_starts_once_per_election_result_across_a_split(mesh: Nodes) -> None:
+    seed, token = mesh.seed("--split", model=GEMMA.catalog)
     worker = mesh.start("worker", "--join", token)  # standby: becomes the rpc worker
     _split_ready(seed)
     split_pid = seed.llama_server().pid
@@ -121,8 +120,8 @@ def test_llama_server_starts_once_per_election_result_across_a_split(mesh: Mesh)
     assert _chat(seed) > 0
 
 
-def test_split_uses_the_fast_lane(mesh: Mesh) -> None:
-    seed, token = mesh.seed("seed", "--split", model=GEMMA.catalog)
+def test_split_uses_the_fast_lane(mesh: Nodes) -> None:
+    seed, token = mesh.seed("--split", model=GEMMA.catalog)
     worker = mesh.start("worker", "--join", token)
     _split_ready(seed)
     assert _chat(seed) > 0
@@ -144,8 +143,8 @@ def test_split_uses_the_fast_lane(mesh: Mesh) -> None:
     assert "rpc tunnels" in shown and " fast " in shown, shown
 
 
-def test_unreachable_fast_lane_falls_back_to_quic(mesh: Mesh) -> None:
-    seed, token = mesh.seed("seed", "--split", model=GEMMA.catalog)
+def test_unreachable_fast_lane_falls_back_to_quic(mesh: Nodes) -> None:
+    seed, token = mesh.seed("--split", model=GEMMA.catalog)
     dead_port = free_tcp_port()  # nothing listens there
     worker = mesh.start(
         "worker", "--join", token, env={"MESH_LLM_FAST_LANE_ADVERTISE_PORT": str(dead_port)}

@@ -6,9 +6,9 @@ look at (ports, roles, peer lists, llama-server's command line, log lines, answe
 stricter goals where we promise more. Scenario 10 (the console's model picker) needs a browser:
 `tests/e2e/test_console*.py` covers it, so it has no test here.
 
-The models used are named once, below (`FIRST`, `SECOND`): both are the demo file today (the
-second a hard link under another name), so switching to two different real models is a change
-of those constants and of `_models_dir`.
+The models used are named once, below: `FIRST` is gemma-3-270m and `SECOND` SmolLM2-135M, the
+two different real models of tests/e2e/models.py; a joiner's spare model (wanted by nobody) is
+the gemma file linked under another name.
 """
 
 from __future__ import annotations
@@ -33,17 +33,22 @@ import pytest
 from openai import OpenAI
 
 from mesh_llm.backend.build import Binaries
-from tests.e2e.harness import MeshProcess, http_status, wait_until
+from tests.e2e.harness import MeshProcess, Nodes, http_status, wait_until
+from tests.e2e.models import GEMMA, SMOLLM2
 
 pytestmark = pytest.mark.e2e
 
 # -- the models of these scenarios (one place) -------------------------------------------------
-DEMO_FILE = "gemma-3-270m-q4_k_m.gguf"  # in the `demo_models_dir` fixture
-FIRST = "gemma-3-270m"  # the catalog name given to --model
-FIRST_NAME = "gemma-3-270m-q4_k_m"  # its model name (the GGUF stem), as the API lists it
-SECOND = "gemma-copy"  # the second model: the demo file linked under this name
+DEMO_FILE = GEMMA.file  # in the `demo_models_dir` fixture
+FIRST = GEMMA.catalog  # the catalog name given to --model
+FIRST_NAME = GEMMA.name  # its model name (the GGUF stem), as the API lists it
+# The second model by its file stem: a node that lacks the file only wants it (a catalog name
+# would make it fetch the model itself).
+SECOND = SMOLLM2.name
 SECOND_NAME = SECOND
-UNWANTED = "gemma-spare"  # on a joiner's disk, wanted by nobody
+UNWANTED = "gemma-spare"  # on a joiner's disk, wanted by nobody: the gemma file linked
+DISK = {FIRST: GEMMA.file, SECOND: SMOLLM2.file, UNWANTED: GEMMA.file}
+"""The file of the `demo_models_dir` fixture behind each model a models dir may hold."""
 
 DEFAULT_API_PORT = 9337
 DEFAULT_CONSOLE_PORT = 3131
@@ -56,58 +61,22 @@ GOSSIP_WINDOW_S = 8.0  # several gossip rounds (2 s) and re-plans with nothing t
 STARTED = "llama-server started"
 
 
-class Nodes:
-    """The processes one test started; `close()` stops every one of them."""
-
-    def __init__(self, root: Path, binaries: Binaries, models_dir: Path) -> None:
-        self.root = root
-        self.demo_dir = models_dir
-        self.bin_dir = str(binaries.llama_server.parent)
-        self.nodes: list[MeshProcess] = []
-
-    def models_dir(self, name: str, *models: str) -> Path:
-        """A models dir of its own holding the demo file under each name in `models`."""
-        folder = self.root / f"{name}-models"
-        folder.mkdir(parents=True, exist_ok=True)
-        for model in models:
-            target = folder / f"{model}.gguf"
-            if not target.exists():
-                os.link(self.demo_dir / DEMO_FILE, target)
-        return folder
-
-    def start(
-        self,
-        name: str,
-        *args: str,
-        models_dir: Path | None = None,
-        env: dict[str, str] | None = None,
-        config: str = "",
-        home: Path | None = None,
-        **process: Any,
-    ) -> MeshProcess:
-        common = ["--models-dir", str(models_dir or self.demo_dir), "--bin-dir", self.bin_dir]
-        node = MeshProcess(
-            home or self.root / name, [*args, *common, "--log-format", "json"], **process
-        )
-        node.env = env or {}
-        if config:
-            node.home.mkdir(parents=True, exist_ok=True)
-            (node.home / "config.toml").write_text(config)
-        self.nodes.append(node.start())
-        return node
-
-    def seed(self, *args: str, **kwargs: Any) -> tuple[MeshProcess, str]:
-        node = self.start("seed", "--model", FIRST, *args, **kwargs)
-        return node, token_of(node)
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.stop()
+def own_models_dir(nodes: Nodes, name: str, *models: str) -> Path:
+    """A models dir of its own holding `models` (keys of `DISK`), hard links into the demo
+    dir: FIRST and SECOND under their own file names, UNWANTED under its name."""
+    folder = nodes.root / f"{name}-models"
+    folder.mkdir(parents=True, exist_ok=True)
+    for model in models:
+        source = DISK[model]
+        target = folder / (source if model != UNWANTED else f"{UNWANTED}.gguf")
+        if not target.exists():
+            os.link(nodes.models_dir / source, target)
+    return folder
 
 
 @pytest.fixture
 def nodes(tmp_path: Path, llama_binaries: Binaries, demo_models_dir: Path) -> Iterator[Nodes]:
-    group = Nodes(tmp_path, llama_binaries, demo_models_dir)
+    group = Nodes(tmp_path, llama_binaries.llama_server.parent, demo_models_dir, seed_model=FIRST)
     try:
         yield group
     finally:
@@ -383,11 +352,12 @@ def multi(
 ) -> Iterator[tuple[MeshProcess, MeshProcess, MeshProcess]]:
     """Seed A serves FIRST and wants SECOND; joiner B (no --model) has FIRST, SECOND and an
     unwanted model on disk; C is a lite client."""
-    group = Nodes(tmp_path_factory.mktemp("multi"), llama_binaries, demo_models_dir)
+    root = tmp_path_factory.mktemp("multi")
+    group = Nodes(root, llama_binaries.llama_server.parent, demo_models_dir, seed_model=FIRST)
     try:
-        a, token = group.seed("--model", SECOND)
+        a, token = group.seed("--model", SECOND, models_dir=own_models_dir(group, "a", FIRST))
         b = group.start(
-            "b", "--join", token, models_dir=group.models_dir("b", FIRST, SECOND, UNWANTED)
+            "b", "--join", token, models_dir=own_models_dir(group, "b", FIRST, SECOND, UNWANTED)
         )
         c = group.start("c", "--client", "--join", token)
         a.wait_ready()
@@ -465,11 +435,13 @@ FIRST_BYTE_S = 2
 
 def _two_models(nodes: Nodes, config: str = "") -> tuple[MeshProcess, MeshProcess, MeshProcess]:
     """A serves FIRST (wants SECOND), B serves SECOND, C is a standby node; all linked."""
-    a, token = nodes.seed("--model", SECOND, config=config)
-    b = nodes.start(
-        "b", "--model", SECOND, "--join", token, models_dir=nodes.models_dir("b", SECOND)
+    a, token = nodes.seed(
+        "--model", SECOND, config=config, models_dir=own_models_dir(nodes, "a", FIRST)
     )
-    c = nodes.start("c", "--join", token, config=config, models_dir=nodes.models_dir("c"))
+    b = nodes.start(
+        "b", "--model", SECOND, "--join", token, models_dir=own_models_dir(nodes, "b", SECOND)
+    )
+    c = nodes.start("c", "--join", token, config=config, models_dir=own_models_dir(nodes, "c"))
     a.wait_ready()
     b.wait_ready()
     wait_until(lambda: sees(a, b, c) and sees(c, a, b), JOIN_TIMEOUT_S, "three linked")

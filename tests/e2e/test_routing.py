@@ -26,7 +26,7 @@ import pytest
 from openai import OpenAI
 
 from mesh_llm.backend.build import Binaries
-from tests.e2e.harness import MeshProcess, wait_until
+from tests.e2e.harness import MeshProcess, Nodes, wait_until
 from tests.e2e.models import GEMMA, SMOLLM2
 
 pytestmark = pytest.mark.e2e
@@ -36,24 +36,6 @@ COPY = GEMMA.catalog  # served by host B: a different real model
 ABSENT = "absent-model"
 CLIENT_FIRST_BYTE_S = 30  # generous: prompt processing on a loaded 2-core machine takes seconds
 ROUTE_TIMEOUT_S = 30.0
-
-
-class Topology:
-    def __init__(self, root: Path, binaries: Binaries, models_dir: Path) -> None:
-        self.root = root
-        self.models_dir = models_dir
-        self.bin_dir = str(binaries.llama_server.parent)
-        self.nodes: list[MeshProcess] = []
-
-    def start(self, name: str, *args: str, models_dir: Path | None = None) -> MeshProcess:
-        common = ["--models-dir", str(models_dir or self.models_dir), "--bin-dir", self.bin_dir]
-        node = MeshProcess(self.root / name, [*args, *common, "--log-format", "json"])
-        self.nodes.append(node.start())
-        return node
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.stop()
 
 
 def token_of(node: MeshProcess) -> str:
@@ -81,7 +63,8 @@ def warm(node: MeshProcess, *names: str) -> bool:
 def mesh(
     tmp_path_factory: pytest.TempPathFactory, llama_binaries: Binaries, demo_models_dir: Path
 ) -> Iterator[tuple[MeshProcess, MeshProcess, MeshProcess]]:
-    topology = Topology(tmp_path_factory.mktemp("routing"), llama_binaries, demo_models_dir)
+    bin_dir = llama_binaries.llama_server.parent
+    topology = Nodes(tmp_path_factory.mktemp("routing"), bin_dir, demo_models_dir)
     try:
         a = topology.start("a", "--model", DEMO, "--model", COPY, "--model", ABSENT)
         token = token_of(a)
@@ -284,7 +267,7 @@ def test_drop_from_the_client_makes_the_host_leave(
 def test_killing_a_replica_host_mid_request_retries_on_the_other(
     tmp_path: Path, llama_binaries: Binaries, demo_models_dir: Path
 ) -> None:
-    topology = Topology(tmp_path, llama_binaries, demo_models_dir)
+    topology = Nodes(tmp_path, llama_binaries.llama_server.parent, demo_models_dir)
     try:
         first = topology.start("first", "--model", DEMO)
         token = token_of(first)

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from mesh_llm.backend.build import Binaries
-from tests.e2e.harness import MeshProcess, wait_until
+from tests.e2e.harness import MeshProcess, Nodes, wait_until
 from tests.e2e.models import SMOLLM2
 from tests.e2e.test_solo import DEMO_MODEL, PROMPT
 
@@ -36,34 +36,14 @@ FORCED_EXIT_TIMEOUT_S = 10.0
 EXIT_FORCED = 130
 
 
-class Nodes:
-    def __init__(self, root: Path, binaries: Binaries, models_dir: Path) -> None:
-        self.root = root
-        self.common = [
-            "--models-dir",
-            str(models_dir),
-            "--bin-dir",
-            str(binaries.llama_server.parent),
-        ]
-        self.started: list[MeshProcess] = []
-
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> MeshProcess:
-        home = self.root / name
-        home.mkdir(parents=True)
-        (home / "config.toml").write_text(f"shutdown_grace_s = {GRACE_S}\n")
-        node = MeshProcess(home, [*args, *self.common, "--log-format", "json"], env=env or {})
-        self.started.append(node.start())
-        return node
-
-
 @pytest.fixture
 def nodes(tmp_path: Path, llama_binaries: Binaries, demo_models_dir: Path) -> Iterator[Nodes]:
-    made = Nodes(tmp_path, llama_binaries, demo_models_dir)
+    bin_dir = llama_binaries.llama_server.parent
+    made = Nodes(tmp_path, bin_dir, demo_models_dir, config=f"shutdown_grace_s = {GRACE_S}\n")
     try:
         yield made
     finally:
-        for node in made.started:
-            node.stop()
+        made.close()
 
 
 def _open_stream(

@@ -55,8 +55,10 @@ def test_records_converge_for_any_seed_order_and_loss(
     assert all(len(net.nodes[node].records()) == size for node in net.ids)
 
 
-def test_a_killed_node_is_declared_dead_by_every_survivor_and_never_resurrected() -> None:
-    net = SimNetwork(10, seed=3, config=NetConfig(loss=0.02))
+def kill_one(size: int, seed: int) -> tuple[SimNetwork, str, float, dict[str, float]]:
+    """Converge `size` nodes, silence one (its links stay up): (net, victim, killed at, when
+    each node declared it dead) after dead_after_s + one gossip round."""
+    net = SimNetwork(size, seed=seed, config=NetConfig(loss=0.02))
     net.join_star()
     assert run_until_converged(net, 20.0, 40.0) is not None
     victim = net.ids[4]
@@ -64,8 +66,22 @@ def test_a_killed_node_is_declared_dead_by_every_survivor_and_never_resurrected(
     net.kill(victim)
     deadline = killed_at + TIMINGS.dead_after_s + TIMINGS.gossip_interval_s
     net.run_until(deadline)
-    survivors = [node for node in net.ids if node != victim]
     lost = {log.node: log.time for log in net.log if _lost(log, victim)}
+    return net, victim, killed_at, lost
+
+
+def measure_host_loss(size: int, seed: int) -> float:
+    """Seconds from a host going silent until the last survivor declared it dead (inf: not
+    every survivor did)."""
+    net, victim, killed_at, lost = kill_one(size, seed)
+    if set(lost) != set(net.ids) - {victim}:
+        return float("inf")
+    return max(lost.values()) - killed_at
+
+
+def test_a_killed_node_is_declared_dead_by_every_survivor_and_never_resurrected() -> None:
+    net, victim, killed_at, lost = kill_one(10, seed=3)
+    survivors = [node for node in net.ids if node != victim]
     assert set(lost) == set(survivors), f"not declared dead by {set(survivors) - set(lost)}"
     assert all(victim not in net.nodes[node].records() for node in survivors)
     slowest = max(lost.values()) - killed_at
@@ -151,6 +167,7 @@ def test_200_nodes_spread_a_change_and_stay_bounded() -> None:
     figures = measure(200, seed=200)
     text = report(200, figures)
     assert figures["spread_s"] <= 3 * TIMINGS.gossip_interval_s + 1.0, text
-    # Not the 2 KB/s goal: heartbeats alone cost ~30 B/s per link, and beyond 64 nodes
-    # inbound links push the mean degree to ~90. The bound catches regressions in gossip.
-    assert figures["steady_bytes_per_node_s"] < 32 * figures["mean_degree"] + 300, text
+    # The 2 KB/s goal at a mean degree of ~90 (beyond 64 nodes inbound links add to the 64
+    # a node dials): about one ping and one pong per link and second (1.6 KB/s measured; both
+    # ends pinging every second was 2.7 KB/s).
+    assert figures["steady_bytes_per_node_s"] < 2048, text
