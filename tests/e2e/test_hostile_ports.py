@@ -36,7 +36,7 @@ from aioquic.quic.events import QuicEvent, StreamDataReceived
 
 from mesh_llm.backend.build import Binaries
 from mesh_llm.identity import MeshSecret, NodeIdentity
-from mesh_llm.net.admission import FramedChannel, admit_outbound
+from mesh_llm.net.hello import FramedChannel, admit_outbound
 from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
 from mesh_llm.token import decode_token
 from mesh_llm.wire.messages import ALPN, RefuseCode, StreamType
