@@ -137,11 +137,14 @@ class NetConfig:
     http_finish_s: float = 2.0
     quic_idle_timeout_s: float = 15.0  # a QUIC connection silent this long is closed
     stream_type_timeout_s: float = 5.0  # a peer's new stream must name its type by then
-    # An incoming fast-lane connection must finish TLS and prove its key within this; at most
-    # `fast_lane_max_pending` may be that far at once (each holds ~0.5 MB of TLS buffers), more
-    # are closed unread. Refused and failed ones log one line each, at most this many a second.
+    # An incoming fast-lane connection must finish TLS and prove its key within this of being
+    # accepted; at most `fast_lane_max_pending` are in their handshake at once (each holds
+    # ~0.5 MB of TLS buffers), the others wait for a slot (a socket each), and beyond
+    # `fast_lane_max_waiting` unauthenticated ones a new connection is closed unread. Refused
+    # and failed ones log one line each, at most `fast_lane_log_lines_per_s` a second.
     fast_lane_handshake_timeout_s: float = 5.0
     fast_lane_max_pending: int = 64
+    fast_lane_max_waiting: int = 1024
     fast_lane_log_lines_per_s: int = 10
     close_timeout_s: float = 5.0  # waiting for a closed connection to let go (TLS close)
 

@@ -150,8 +150,10 @@ def _peer_node_id(writer: asyncio.StreamWriter) -> NodeId | None:
 class FastLaneServer:
     """Accepts fast-lane connections; hands authenticated ones to `on_connection`.
 
-    A connection is accepted as plain TCP with reading paused, and counted as pending until it
-    has done TLS and proved its key (`handshake_timeout_s` for both): beyond `max_pending` a new
+    A connection is accepted as plain TCP with reading paused and waits (a socket, no TLS
+    buffers) for one of `max_pending` handshake slots; it must have done TLS and proved its key
+    within `handshake_timeout_s` of being accepted. Beyond `max_waiting` unauthenticated
+    connections a new
     one is closed unread, so a flood of connections that never finish TLS costs a bounded
     amount of memory (asyncio holds ~0.5 MB of buffers per TLS handshake). Each refused or
     failed connection is logged once with its reason, at most `log_lines_per_s` a second.
@@ -170,7 +172,8 @@ class FastLaneServer:
         self._is_allowed = is_allowed
         self._purposes = purposes
         self._handshake_timeout_s = limits.fast_lane_handshake_timeout_s
-        self._max_pending = limits.fast_lane_max_pending
+        self._max_waiting = limits.fast_lane_max_waiting
+        self._slots = asyncio.Semaphore(limits.fast_lane_max_pending)
         self._failures = RateLimitedLog(
             log, limits.fast_lane_log_lines_per_s, "fast-lane connections refused or failed"
         )
@@ -178,9 +181,10 @@ class FastLaneServer:
         self._server: asyncio.Server | None = None
         self._group: asyncio.TaskGroup | None = None  # one task per connection, see `run()`
         self._early: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self.pending = 0  # connections accepted, not yet authenticated (tests read it)
+        self.waiting = 0  # connections accepted, not yet authenticated (tests read these)
+        self.pending = 0  # of those, in their TLS handshake or key proof (holding a slot)
         self.most_pending = 0  # the highest `pending` seen
-        self.refused = 0  # connections closed unread because `max_pending` were pending
+        self.refused = 0  # connections closed unread because `max_waiting` were waiting
 
     @classmethod
     async def start(
@@ -242,26 +246,26 @@ class FastLaneServer:
         transport = writer.transport
         if isinstance(transport, asyncio.ReadTransport):  # a socket transport: always
             transport.pause_reading()
-        if self.pending >= self._max_pending:
+        if self.waiting >= self._max_waiting:
             self.refused += 1
             self._failures.log(
                 logging.WARNING,
-                "fast lane: refused a connection from %s: %d handshakes pending (the most)",
+                "fast lane: refused a connection from %s: %d connections unauthenticated",
                 _peer_addr(writer),
-                self.pending,
+                self.waiting,
                 event="fast_lane_refused",
                 reason="too_many_pending",
             )
             writer.transport.abort()
             return
-        self._count_pending(+1)
+        self.waiting += 1
         if self._group is None:
             self._early.append((reader, writer))  # run() serves them when it starts
             return
         try:
             self._group.create_task(self._serve(reader, writer))
         except RuntimeError:  # the group is ending: so is this server
-            self._count_pending(-1)
+            self.waiting -= 1
             writer.transport.abort()
 
     def _count_pending(self, change: int) -> None:
@@ -275,7 +279,7 @@ class FastLaneServer:
             try:
                 accepted = await self._handshake(reader, writer, peer)
             finally:
-                self._count_pending(-1)
+                self.waiting -= 1
             if accepted is not None:
                 await self._on_connection(accepted[0], accepted[1], reader, writer)
         except (OSError, asyncio.IncompleteReadError, TimeoutError, StreamReset) as exc:
@@ -296,10 +300,14 @@ class FastLaneServer:
         assert self._context is not None
         timeout_s = self._handshake_timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
-                await writer.start_tls(self._context, ssl_handshake_timeout=timeout_s)
-                set_no_delay(writer)
-                return await self._authenticate(reader, writer, peer)
+            async with asyncio.timeout(timeout_s), self._slots:
+                self._count_pending(+1)
+                try:
+                    await writer.start_tls(self._context, ssl_handshake_timeout=timeout_s)
+                    set_no_delay(writer)
+                    return await self._authenticate(reader, writer, peer)
+                finally:
+                    self._count_pending(-1)
         except TimeoutError:
             reason = f"handshake not done within {timeout_s:g} s"
         except (OSError, asyncio.IncompleteReadError) as exc:  # ssl.SSLError is an OSError

@@ -24,7 +24,7 @@ from tests.e2e.models import GEMMA, SMOLLM2
 pytestmark = pytest.mark.e2e
 
 JOIN_TIMEOUT_S = 15.0
-DEAD_GOAL_S = 10.0  # DESIGN.md §5: silent for 10 s ⇒ dead
+DEAD_GOAL_S = 10.0  # the mesh core's goal (mesh.dead_after_s): silent for 10 s ⇒ dead
 
 
 @pytest.fixture

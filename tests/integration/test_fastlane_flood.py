@@ -4,7 +4,8 @@ The attacker (in this process) opens hundreds of TCP connections per round to a 
 `FastLaneServer`: some send the start of a TLS ClientHello and then nothing, some send random
 bytes and close, some send nothing at all and stay open. A server that starts a TLS handshake
 for each of them holds ~0.5 MB of buffers per connection until the handshake times out; ours
-has at most `fast_lane_max_pending` of them in handshake and closes the rest unread. Checked:
+has at most `fast_lane_max_pending` of them in handshake, lets `fast_lane_max_waiting` wait for
+a slot (a socket each, no TLS buffers) and closes the rest unread. Checked:
 the most connections ever pending, that some were refused, this process's RSS growth over the
 rounds, that an admitted node still gets its lane while the flood's sockets are held open,
 and that the log has at most one line per bad connection, rate-limited.
@@ -33,6 +34,7 @@ from tests.fakes.waiting import running
 FLOOD = 360  # bad connections per round
 ROUNDS = 3
 MAX_PENDING = 24
+MAX_WAITING = 48  # the rest of a round's flood is closed unread
 HANDSHAKE_TIMEOUT_S = 1.5
 LOG_LINES_PER_S = 10
 # Measured with this test: the cap lifted, up to 241 connections were in handshake at once and
@@ -112,6 +114,7 @@ async def test_a_connection_flood_is_bounded_and_the_lane_still_serves(
     server_id, client = NodeIdentity.generate(), NodeIdentity.generate()
     limits = NetConfig(
         fast_lane_max_pending=max_pending,
+        fast_lane_max_waiting=MAX_WAITING,
         fast_lane_handshake_timeout_s=HANDSHAKE_TIMEOUT_S,
         fast_lane_log_lines_per_s=LOG_LINES_PER_S,
     )

@@ -158,7 +158,7 @@ def report(size: int, figures: dict[str, float]) -> str:
 def test_50_nodes_spread_a_change_fast_and_stay_quiet() -> None:
     figures = measure(50, seed=50)
     text = report(50, figures)
-    # DESIGN goals: a change everywhere within 3 gossip rounds + 1 s; < 2 KB/s/node at rest.
+    # The gossip goals: a change everywhere within 3 gossip rounds + 1 s; < 2 KB/s/node at rest.
     assert figures["spread_s"] <= 3 * TIMINGS.gossip_interval_s + 1.0, text
     assert figures["steady_bytes_per_node_s"] < 2048, text
 

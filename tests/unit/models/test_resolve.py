@@ -1,4 +1,5 @@
-"""Resolution of `--model` specs to files, in DESIGN.md §6 order, without a network."""
+"""Resolution of `--model` specs to files, in the order `models/resolve.py` documents (a path,
+the models directory, a catalog name, a Hub file, a URL), without a network."""
 
 from __future__ import annotations
 
