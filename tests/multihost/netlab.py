@@ -142,6 +142,13 @@ class Host:
             "}\n"
         )
 
+    def add_bridge_address(self, device: str, cidr: str) -> None:
+        """An empty bridge `device` holding `cidr`, as Docker's docker0 on a real machine
+        (this kernel has no dummy interfaces)."""
+        self.run("ip", "link", "add", device, "type", "bridge")
+        self.run("ip", "addr", "add", cidr, "dev", device)
+        self.run("ip", "link", "set", device, "up")
+
     def bandwidth(self, rate: str) -> None:
         """Cap this host's egress with TBF (`rate` as tc writes it: 10mbit)."""
         self.run(
