@@ -7,6 +7,7 @@ the real demo models and llama.cpp binaries; talk to them from inside their name
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -107,3 +108,29 @@ def timed(fn: Any) -> float:
     started = time.monotonic()
     fn()
     return time.monotonic() - started
+
+
+def wait_polling(condition: Any, timeout_s: float, what: str, every_s: float = 2.0) -> float:
+    """`wait_until` for conditions that cost something (a chat): polled every `every_s`.
+    Returns the seconds it took."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(every_s)
+    return time.monotonic() - started
+
+
+def split_ready(host: NetnsMeshProcess, timeout_s: float) -> None:
+    """Wait for `host` to run a split llama-server (with --rpc) that is ready."""
+    wait_until(lambda: "--rpc" in host.llama_argv(), timeout_s, "a split llama-server")
+    host.wait_ready(timeout_s)
+
+
+def status_text(node: NetnsMeshProcess) -> str:
+    """What `mesh-llm status` prints for `node`, run inside its namespace."""
+    assert node.host is not None
+    return node.host.run(
+        sys.executable, "-m", "mesh_llm", "status", "--console", str(node.console_port)
+    )
