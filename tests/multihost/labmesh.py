@@ -132,5 +132,6 @@ def status_text(node: NetnsMeshProcess) -> str:
     """What `mesh-llm status` prints for `node`, run inside its namespace."""
     assert node.host is not None
     return node.host.run(
-        sys.executable, "-m", "mesh_llm", "status", "--console", str(node.console_port)
+        *("env", "COLUMNS=250", sys.executable, "-m", "mesh_llm", "status"),
+        *("--console", str(node.console_port)),
     )
