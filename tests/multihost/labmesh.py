@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,9 +18,10 @@ from typing import Any
 from mesh_llm.backend.build import Binaries
 from mesh_llm.token import InviteToken, decode_token, encode_token
 from tests.e2e.harness import wait_until
-from tests.multihost.netlab import Host, NetnsMeshProcess
+from tests.multihost.netlab import Host, NetnsMeshProcess, enter_netns
 
 CHAT_TIMEOUT_S = 120.0
+LOAD_CHAT_TIMEOUT_S = 60.0
 
 
 class LabMesh:
@@ -135,3 +137,65 @@ def status_text(node: NetnsMeshProcess) -> str:
         *("env", "COLUMNS=250", sys.executable, "-m", "mesh_llm", "status"),
         *("--console", str(node.console_port)),
     )
+
+
+class ChatLoad:
+    """Steady chat load through one node: `workers` threads inside its namespace, each sending
+    one chat after another until `stop()`; every outcome is kept as (start, end, ok)."""
+
+    def __init__(self, node: NetnsMeshProcess, model: str, workers: int = 2) -> None:
+        self.node, self.model = node, model
+        self.outcomes: list[tuple[float, float, bool]] = []
+        self._stop = threading.Event()
+        assert node.host is not None
+        ns = node.host.ns
+        self._threads = [
+            threading.Thread(target=self._run, args=(ns,), daemon=True) for _ in range(workers)
+        ]
+
+    def start(self) -> ChatLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _run(self, ns: str) -> None:
+        enter_netns(ns)
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                ok = _chat_here(self.node, self.model, LOAD_CHAT_TIMEOUT_S)
+            except (urllib.error.URLError, OSError, ValueError):
+                ok = False
+            self.outcomes.append((started, time.monotonic(), ok))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(LOAD_CHAT_TIMEOUT_S + 5)
+
+    def errors_between(self, start: float, end: float) -> tuple[int, int]:
+        """(failed, total) of the requests started in [start, end)."""
+        window = [ok for t, _, ok in self.outcomes if start <= t < end]
+        return window.count(False), len(window)
+
+    def errors_finished_before(self, moment: float) -> tuple[int, int]:
+        window = [ok for _, end, ok in self.outcomes if end < moment]
+        return window.count(False), len(window)
+
+    def errors_in_flight_at(self, moment: float) -> tuple[int, int]:
+        window = [ok for t, end, ok in self.outcomes if t < moment <= end]
+        return window.count(False), len(window)
+
+
+def _chat_here(node: NetnsMeshProcess, model: str, timeout_s: float) -> bool:
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4}
+    ).encode()
+    request = urllib.request.Request(
+        node.base_url + "/v1/chat/completions",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        reply = json.loads(response.read())
+    return int(reply.get("usage", {}).get("completion_tokens", 0)) > 0

@@ -67,7 +67,8 @@ def sh(*argv: str, input_text: str | None = None) -> str:
     return done.stdout
 
 
-def _setns(name: str) -> None:
+def enter_netns(name: str) -> None:
+    """Move the calling thread (only it) into namespace `name`."""
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(NETNS_DIR / name, os.O_RDONLY)
     try:
@@ -85,7 +86,7 @@ def call_in_netns(name: str, fn: Callable[[], _T]) -> _T:
 
     def run() -> None:
         try:
-            _setns(name)
+            enter_netns(name)
             result.append(fn())
         except BaseException as exc:  # re-raised in the caller's thread
             error.append(exc)
