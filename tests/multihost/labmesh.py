@@ -101,6 +101,9 @@ def chat_ok(node: NetnsMeshProcess, model: str) -> bool:
     """True when a chat through `node` for `model` is answered with tokens."""
     try:
         reply = chat(node, model)
+    except urllib.error.HTTPError as exc:
+        exc.close()  # an unclosed error response is a ResourceWarning (an error in pytest)
+        return False
     except (urllib.error.URLError, OSError, ValueError):
         return False
     return int(reply.get("usage", {}).get("completion_tokens", 0)) > 0
@@ -164,6 +167,9 @@ class ChatLoad:
             started = time.monotonic()
             try:
                 ok = _chat_here(self.node, self.model, LOAD_CHAT_TIMEOUT_S)
+            except urllib.error.HTTPError as exc:
+                exc.close()
+                ok = False
             except (urllib.error.URLError, OSError, ValueError):
                 ok = False
             self.outcomes.append((started, time.monotonic(), ok))

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from tests.e2e.harness import MeshProcess
+from tests.e2e.harness import MeshProcess, wait_until
 
 _T = TypeVar("_T")
 CLONE_NEWNET = 0x40000000
@@ -432,6 +432,19 @@ class NetnsMeshProcess(MeshProcess):
         return self.host.call(super().status)
 
     def wait_ready(self, timeout_s: float = 180.0, *, local: bool | None = None) -> None:
-        assert self.host is not None
-        parent = super().wait_ready
-        self.host.call(lambda: parent(timeout_s, local=local))
+        """Wait for a model this node serves itself (unless `local` is False: any model)."""
+        own = "--client" not in self.args if local is None else local
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited ({self.proc.returncode}):\n{self.log_text()}")
+            return any(
+                m["state"] == "ready" and (m["host"] == "local" or not own)
+                for m in self.status().get("models", [])
+            )
+
+        try:
+            wait_until(ready, timeout_s, f"a ready model on {self.home.name}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- node log ---\n{self.log_text()}") from None

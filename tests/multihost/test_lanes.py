@@ -27,10 +27,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.multihost]
 
 READY_TIMEOUT_S = 300.0
 JOIN_TIMEOUT_S = 60.0
-CLIENT_CHAT_BUDGET_S = 45.0
+CLIENT_CHAT_BUDGET_S = 20.0
 LANE_RETRY_S = 60.0  # mesh_llm/net/http_lane.py: QUIC carries a host's requests this long
 
 
+@pytest.mark.slow  # waits out the 60 s lane retry: about 2 min
 def test_blocked_fast_lane_falls_back_to_quic_and_comes_back(lab: Lab, mesh: LabMesh) -> None:
     a, b = lab.add_host("a"), lab.add_host("b")
     lab.block_tcp(a, b)  # a firewall between a and b: UDP (QUIC) passes, TCP does not

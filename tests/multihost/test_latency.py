@@ -31,7 +31,7 @@ RTT_TIMEOUT_S = 90.0  # 16 heartbeats (1 s) before a node publishes an RTT, on a
 FAR_RTT_MS, NEAR_RTT_MS = 150.0, 20.0
 SPLIT_MARK = "split over"
 TOKENS = 48
-NODE_PROCESSING_MS = 5.0
+NODE_PROCESSING_MS = 10.0  # measured up to +7.8 ms with the 2 cores saturated
 
 
 def _close_to(measured_ms: float, injected_ms: float) -> bool:
