@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_type_hints
 
 from mesh_llm.core.mesh import MeshTimings
+from mesh_llm.core.planner import PlanFactors
 from mesh_llm.errors import ConfigError
 
 LogFormat = Literal["pretty", "json"]
@@ -39,6 +40,11 @@ class ApiConfig:
     # Requests one local model may have in flight at once; more are refused with 429.
     queue_depth: int = 64
     busy_retry_after_s: int = 1  # Retry-After of a 429 (queue full)
+    # The host closes another node's request stream that brings no request this long.
+    peer_stream_idle_s: float = 60.0
+    # llama-server (cpp-httplib) closes idle keep-alive connections after 5 s; the client pool
+    # drops them sooner so that reuse rarely races with that close.
+    upstream_keepalive_s: float = 2.0
     # HTTP head limits (aiohttp's defaults): request/header line, one header field, count.
     max_header_line_bytes: int = 8190
     max_header_field_bytes: int = 8190
@@ -84,6 +90,9 @@ class BackendConfig:
     threads: int | None = None
     health_timeout_s: float = 300.0
     health_poll_interval_s: float = 0.25
+    health_request_timeout_s: float = 2.0  # one /health request to llama-server
+    port_probe_timeout_s: float = 1.0  # one connect to an rpc-server's port (is it up?)
+    progress_log_interval_s: float = 5.0  # download/build progress: one log line this often
     stop_grace_s: float = 5.0
     restart_backoff_initial_s: float = 1.0
     restart_backoff_max_s: float = 30.0
@@ -119,6 +128,22 @@ class NetConfig:
     route_refresh_s: float = 10.0
     route_request_timeout_s: float = 5.0
     status_request_timeout_s: float = 5.0
+    # -- peer transport (net/transport.py, net/http_peer.py) --
+    # After a failed fast-lane dial, QUIC carries the peer's streams this long.
+    fast_lane_retry_s: float = 60.0
+    http_pool_idle_s: float = 20.0  # a pooled API stream to a host unused this long is dropped
+    http_pool_max_idle: int = 16  # idle API streams kept per host (a TLS one holds ~300 KB)
+    # Reading an answer to its end marker after its client left with all of it ([DONE]).
+    http_finish_s: float = 2.0
+    quic_idle_timeout_s: float = 15.0  # a QUIC connection silent this long is closed
+    stream_type_timeout_s: float = 5.0  # a peer's new stream must name its type by then
+    # An incoming fast-lane connection must finish TLS and prove its key within this; at most
+    # `fast_lane_max_pending` may be that far at once (each holds ~0.5 MB of TLS buffers), more
+    # are closed unread. Refused and failed ones log one line each, at most this many a second.
+    fast_lane_handshake_timeout_s: float = 5.0
+    fast_lane_max_pending: int = 64
+    fast_lane_log_lines_per_s: int = 10
+    close_timeout_s: float = 5.0  # waiting for a closed connection to let go (TLS close)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +163,16 @@ class Config:
     verbose: int = 0
     shutdown_grace_s: float = 10.0  # in-flight API requests may finish within this on stop
     shutdown_cutoff_s: float = 1.0  # after the grace: what the HTTP server still waits for
+    # -- node and placement timings (node.py, placement.py) --
+    drop_exit_delay_s: float = 0.2  # `mesh-llm drop`: the answer leaves before the node does
+    demand_publish_interval_s: float = 10.0  # how often request rates may be re-gossiped
+    replan_debounce_s: float = 0.3  # changes within this are planned for once
+    rpc_start_timeout_s: float = 30.0  # a host's own rpc-server must accept by then
     api: ApiConfig = field(default_factory=ApiConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     net: NetConfig = field(default_factory=NetConfig)
     mesh: MeshTimings = field(default_factory=MeshTimings)
+    planner: PlanFactors = field(default_factory=PlanFactors)
 
     @property
     def key_path(self) -> Path:

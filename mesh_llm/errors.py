@@ -8,6 +8,8 @@ OpenAI-shaped JSON. Imports nothing of the project.
 
 from __future__ import annotations
 
+import logging
+
 
 class MeshError(Exception):
     """Base of every deliberate mesh-llm error; the message is meant for a person."""
@@ -63,3 +65,70 @@ class ProtocolError(MeshError):
 
 class PeerUnavailable(MeshError):
     """A peer cannot be reached or went away."""
+
+
+class AdmissionRefused(ProtocolError):
+    """The hello exchange with a peer failed; `code` is a `RefuseCode`, the message says why."""
+
+
+class UpstreamFailed(MeshError):
+    """The backend of an API request failed (before the response head, or mid-body)."""
+
+
+class StreamReset(PeerUnavailable):
+    """A byte stream to a peer ended under us: reset, closed early, or its connection went."""
+
+
+class FramingError(ProtocolError):
+    """A peer sent bytes that are not a valid frame of the protocol on that stream."""
+
+
+class ServiceError(MeshError):
+    """Installing or removing the service unit failed."""
+
+
+class ChecksumMismatch(ModelError):
+    """Bytes written for a model do not have the expected size and sha256."""
+
+
+class InvalidRequest(MeshError):
+    """A request body the API refuses with 400; `param` names the bad field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class BodyTimeout(MeshError):
+    """The client did not send its request body within `api.body_read_timeout_s` (408)."""
+
+
+# RefuseCode.PROTOCOL_ERROR of wire/messages.py (this module imports nothing of the project;
+# a unit test checks that the two agree).
+PROTOCOL_ERROR_CODE = 1
+
+
+class DecodeError(ProtocolError):
+    """Bytes from a peer are not a valid message or frame; the stream should be closed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code=PROTOCOL_ERROR_CODE)
+
+
+def one_error(failed: BaseExceptionGroup[BaseException]) -> MeshError:
+    """The error a failed node task ends the node with: its `MeshError` as is; anything else is
+    a bug, logged here with its traceback and reported as a `MeshError` that says so."""
+    mesh_errors, others = failed.split(MeshError)
+    if others is not None:
+        logging.getLogger("mesh_llm.node").error("a task of the node failed", exc_info=others)
+    leaves = list(_leaves(mesh_errors if mesh_errors is not None else failed))
+    if mesh_errors is not None and isinstance(leaves[0], MeshError):
+        return leaves[0]
+    return MeshError(f"the node stopped after an internal error ({leaves[0]!r}); see the log")
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found

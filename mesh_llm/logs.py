@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -112,3 +113,49 @@ def setup_logging(log_format: LogFormat, verbose: int) -> None:
         server.addFilter(BAD_REQUEST_FILTER)
     for name in _NOISY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
+
+
+class RateLimitedLog:
+    """One log line per event, at most `lines_per_s` a second: a flood (e.g. of refused
+    connections) is logged as its first lines, then one line that counts the ones left out.
+
+    The count of a window is logged with the first event after it (or by `flush()`), so a
+    flood that stops leaves its tail summed up at the next event or when the owner closes.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        lines_per_s: int,
+        what: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self._lines_per_s = lines_per_s
+        self._what = what  # "fast-lane connections refused or failed"
+        self._clock = clock
+        self._window_start = clock()
+        self._lines = 0
+        self._left_out = 0
+
+    def log(self, level: int, message: str, *args: object, **extra: Any) -> None:
+        now = self._clock()
+        if now - self._window_start >= 1.0:
+            self.flush()
+            self._window_start, self._lines = now, 0
+        if self._lines < self._lines_per_s:
+            self._lines += 1
+            self._log.log(level, message, *args, extra=extra or None)
+        else:
+            self._left_out += 1
+
+    def flush(self) -> None:
+        """Log how many events were left out since the last line about them (if any)."""
+        if self._left_out:
+            self._log.info(
+                "%d more %s (not logged one by one)",
+                self._left_out,
+                self._what,
+                extra={"event": "log_rate_limited", "left_out": self._left_out},
+            )
+            self._left_out = 0

@@ -13,13 +13,10 @@ children, return. Every task lives in one TaskGroup owned by
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
 import random
 import socket
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,14 +27,10 @@ from mesh_llm import __version__
 from mesh_llm.api.app import INBOUND_KEY, PROXY_KEY, create_app
 from mesh_llm.api.auth import warn_if_exposed
 from mesh_llm.api.console import create_console_app
-from mesh_llm.api.console_view import record_fields
-from mesh_llm.api.drain import Drain, drain_middleware
-from mesh_llm.api.inbound import DROP_PATH
+from mesh_llm.api.drain import Drain
 from mesh_llm.api.metrics import MetricSources
-from mesh_llm.api.openai import PROXIED_PATHS, error_body
 from mesh_llm.api.operations import http_limits
 from mesh_llm.api.proxy import Proxy
-from mesh_llm.api.upstream import UpstreamFailed, open_remote, request_head
 from mesh_llm.backend.hardware import HardwareInfo, detect_hardware, max_vram_bytes
 from mesh_llm.backend.llama import LOOPBACK
 from mesh_llm.backend.process import kill_process_group_now, sweep_stale_children
@@ -48,12 +41,13 @@ from mesh_llm.backend.serving import (
     run_in_daemon_thread,
 )
 from mesh_llm.config import Config
-from mesh_llm.core.capabilities import Capability, parse_capabilities
 from mesh_llm.core.demand import DemandMeter, rates_changed
 from mesh_llm.core.mesh import MeshCore
-from mesh_llm.core.router import ModelState, ModelStatus
-from mesh_llm.core.types import ModelName, NodeId
-from mesh_llm.errors import ConfigError, MeshError, PeerUnavailable
+from mesh_llm.core.model_statuses import mesh_model_statuses
+from mesh_llm.core.router import ModelStatus
+from mesh_llm.core.types import NodeId
+from mesh_llm.drop import Drops
+from mesh_llm.errors import ConfigError, PeerUnavailable, one_error
 from mesh_llm.identity import (
     MeshSecret,
     NodeIdentity,
@@ -62,20 +56,18 @@ from mesh_llm.identity import (
 )
 from mesh_llm.models.resolve import list_local_models
 from mesh_llm.net.fastlane import FastLaneServer
-from mesh_llm.net.http_lane import HttpLanes, LaneResponse
+from mesh_llm.net.http_peer import HttpPeerClient, PeerResponse
 from mesh_llm.net.peers import PeerManager
-from mesh_llm.net.quic import QuicPeerConnection
-from mesh_llm.net.tunnel import LaneHandler, RpcTunnels, fast_lane_addr_of, start_fast_lane
+from mesh_llm.net.transport import PeerTransport, StreamHandlers, start_fast_lane_server
+from mesh_llm.net.tunnel import RpcTunnels, rpc_worker_handler
+from mesh_llm.node_status import NodeFacts, status_document
 from mesh_llm.placement import Placement
 from mesh_llm.token import InviteToken, decode_token, encode_token, format_addr
-from mesh_llm.wire.messages import HttpRequestHead, NodeRecord, Role
+from mesh_llm.wire.messages import HttpRequestHead, NodeRecord, Role, StreamType
 
 log = logging.getLogger(__name__)
 
 Announce = Callable[[str], None]
-
-DROP_EXIT_DELAY_S = 0.2  # let the drop answer leave before the node starts leaving
-DEMAND_PUBLISH_INTERVAL_S = 10.0
 
 
 class Node:
@@ -104,95 +96,45 @@ class Node:
         self._hardware: HardwareInfo | None = None
         self._tunnels: RpcTunnels | None = None
         self._fast_lane: FastLaneServer | None = None
-        self._lanes: HttpLanes | None = None  # API requests to other hosts over the fast lane
-        self._http_lane_handler: LaneHandler | None = None  # other nodes' API requests to us
+        self._handlers = StreamHandlers()  # who answers other nodes' RPC and HTTP streams
+        self._transport: PeerTransport | None = None
+        self._http: HttpPeerClient | None = None  # API requests to other hosts
         self.api_url = f"http://{config.api.host}:{config.api.port}/v1"
         self._shutdown: asyncio.Event | None = None
         self._proxy: Proxy | None = None  # the API's router, shared by the console's chat
         self._demand = DemandMeter()
         self._drain = Drain()  # API requests in flight, local and for other nodes
+        self._drops = Drops(
+            config,
+            served=lambda: [server.status for server in self._servers],
+            statuses=self.model_statuses,
+            peers=self,
+            leave=self._leave,
+            short_id=lambda: self.identity.short_id if self.identity else "",
+        )
 
     # -- ModelDirectory (API) and StatusSource (console) ---------------------------------
 
     def model_statuses(self) -> Sequence[ModelStatus]:
         """Every model this node serves, the mesh serves, or the mesh wants, with the remote
         hosts serving each one ready (the router's input)."""
-        hosts: dict[str, list[str]] = {}
-        aliases: dict[str, tuple[str, ...]] = {}
-        capabilities: dict[str, tuple[Capability, ...]] = {}
-        loading: dict[str, str] = {}
-        for record in self._known_records():
-            if record.node_id == self._node_id():
-                continue
-            for model, info in record.serving.items():
-                if info.role == "worker":
-                    continue
-                if info.ready:
-                    hosts.setdefault(model, []).append(record.node_id)
-                    aliases.setdefault(model, info.aliases)
-                    capabilities.setdefault(model, parse_capabilities(info.capabilities))
-                else:
-                    loading.setdefault(model, record.node_id)
-            for model in record.requested_models:
-                loading.setdefault(model, "")
-        wanted_aliases: dict[str, tuple[str, ...]] = {}
-        for spec in self._wanted:  # by model name, as gossiped: a catalog name is an alias
-            name = model_name_of(spec)
-            loading.setdefault(name, "")
-            if name != spec:
-                wanted_aliases[name] = (spec,)
-        statuses = [
-            dataclasses.replace(server.status, remote=tuple(hosts.pop(server.status.name, ())))
-            for server in self._servers
-        ]
-        local = {s.name for s in statuses} | {a for s in statuses for a in s.aliases}
-        for model, nodes in hosts.items():
-            if model not in local:
-                statuses.append(
-                    ModelStatus(
-                        ModelName(model),
-                        ModelState.READY,
-                        aliases=aliases.get(model, ()),
-                        capabilities=capabilities.get(model, ()),
-                        host=nodes[0],
-                        remote=tuple(nodes),
-                    )
-                )
-                local.add(model)
-        for model, node in loading.items():
-            if model in local:
-                continue
-            reason = (
-                f"loading on node {node[:10]}"
-                if node
-                else "wanted by the mesh; no node serves it yet"
-            )
-            statuses.append(
-                ModelStatus(
-                    ModelName(model),
-                    ModelState.LOADING,
-                    reason,
-                    host=node,
-                    aliases=wanted_aliases.get(model, ()),
-                )
-            )
-        return statuses
+        local = [server.status for server in self._servers]
+        return mesh_model_statuses(
+            self._node_id(), self._known_records(), local, self._wanted, model_name_of
+        )
 
     # -- MeshAccess (API proxy) ---------------------------------------------------------
 
-    async def connection_for(self, node_id: str) -> QuicPeerConnection:
-        if self.peers is None:
+    async def send_request(
+        self, node_id: str, head: HttpRequestHead, body: bytes, first_byte_timeout_s: float
+    ) -> PeerResponse:
+        if self._http is None:
             raise PeerUnavailable("the mesh is not up yet")
-        return await self.peers.connection_for(node_id)
-
-    async def send_over_lane(
-        self, node_id: str, head: HttpRequestHead, body: bytes
-    ) -> LaneResponse | None:
-        if self._lanes is None:
-            return None
-        return await self._lanes.send(NodeId(node_id), head, body)
+        return await self._http.request(NodeId(node_id), head, body, first_byte_timeout_s)
 
     def report_failure(self, node_id: str, reason: str) -> None:
+        if self._http is not None:
+            self._http.forget(NodeId(node_id))
         if self.peers is not None:
             self.peers.report_failure(node_id, reason)
 
@@ -201,102 +143,35 @@ class Node:
 
     async def drop(self, model: str) -> tuple[int, dict[str, Any]]:
         """`mesh-llm drop`: the node(s) serving `model` leave the mesh; this one forwards."""
-        local = await self.drop_local(model)
-        if local[0] != 404:
-            return local
-        status = next((m for m in self.model_statuses() if m.name == model), None)
-        if status is None or not status.remote:
-            return local
-        dropped: list[str] = []
-        errors: list[str] = []
-        for node_id in status.remote:
-            try:
-                connection = await self.connection_for(node_id)
-                body = json.dumps({"model": model}).encode()
-                head = request_head(DROP_PATH, body, uuid.uuid4().hex)
-                upstream = await open_remote(connection, head, body, self._config.api)
-                try:
-                    async for _chunk in upstream.chunks():
-                        pass
-                finally:
-                    upstream.close()
-            except (MeshError, UpstreamFailed) as exc:
-                errors.append(f"{node_id[:10]}: {exc}")
-                continue
-            if upstream.status == 200:
-                dropped.append(node_id[:10])
-            else:
-                errors.append(f"{node_id[:10]} answered {upstream.status}")
-        if not dropped:
-            return 502, error_body(
-                502, f"could not drop {model}: {'; '.join(errors)}", "drop_failed"
-            )
-        return 200, {"dropped": model, "nodes": dropped, "errors": errors}
+        return await self._drops.drop(model)
 
     async def drop_local(self, model: str) -> tuple[int, dict[str, Any]]:
-        """Drop `model` if this node serves it: answer, then leave the mesh and exit 0."""
-        served = [s.status for s in self._servers]
-        if any(model == s.name or model in s.aliases for s in served):
-            log.info("dropping %s: leaving the mesh", model, extra={"event": "drop"})
-            if self._shutdown is not None:
-                asyncio.get_running_loop().call_later(DROP_EXIT_DELAY_S, self._shutdown.set)
-            short = self.identity.short_id if self.identity else ""
-            return 200, {"dropped": model, "nodes": [short]}
-        names = sorted({m.name for m in self.model_statuses() if m.routable})
-        message = f"no node serves {model!r}; served models: {', '.join(names) or 'none'}"
-        return 404, error_body(404, message, "model_not_found")
+        """A drop another node forwarded: only this node's own models."""
+        return await self._drops.drop_local(model)
 
     def status(self) -> dict[str, Any]:
-        config = self._config
-        hardware = self._hardware
-        binaries = self._binaries.binaries
-        snapshot = self.peers.snapshot() if self.peers is not None else {"peers": [], "clients": 0}
-        return {
-            "node": {
-                "node_id": self._node_id(),
-                "short_id": self.identity.short_id if self.identity else "",
-                "name": socket.gethostname(),
-                "role": self._role(),
-                "client": config.client,
-                "api_url": self.api_url,
-                "mesh_port": self.peers.port if self.peers is not None else None,
-                "vram_bytes": hardware.vram_bytes if hardware else 0,
-                "backend": hardware.backend if hardware else "",
-                "build_id": binaries.build_id if binaries else "",
-                "rpc_protocol": binaries.rpc_protocol if binaries else "",
-                "version": __version__,
-                "draining": self._drain.draining,
-            },
-            "token": self.token,
-            "is_host": self._is_host(),
-            "models": [
-                {
-                    "name": m.name,
-                    "state": m.state.value,
-                    "reason": m.reason,
-                    "host": m.host,
-                    "nodes": m.node_count,
-                    "remote_hosts": list(m.remote),
-                }
-                for m in self.model_statuses()
-            ],
-            "peers": snapshot["peers"],
-            "clients": snapshot["clients"],
+        facts = NodeFacts(
+            node_id=self._node_id(),
+            short_id=self.identity.short_id if self.identity else "",
+            role=self._role(),
+            api_url=self.api_url,
+            mesh_port=self.peers.port if self.peers is not None else None,
+            hardware=self._hardware,
+            binaries=self._binaries.binaries,
+            draining=self._drain.draining,
+            token=self.token,
+        )
+        peers = self.peers.snapshot() if self.peers is not None else {"peers": [], "clients": 0}
+        lanes = {
             "fast_lane_port": self._fast_lane.port if self._fast_lane is not None else None,
             "rpc_tunnels": self._tunnels.snapshot() if self._tunnels is not None else [],
-            "api_lanes": self._lanes.snapshot() if self._lanes is not None else None,
-            # For the console's view: every gossip record as advertised, the context size,
-            # and the split this node hosts (if any).
-            "records": [record_fields(r) for r in self._known_records()],
-            "ctx_size": config.backend.ctx_size,
-            "split": self._split_status(),
+            "api_lanes": self._http.snapshot() if self._http is not None else None,
         }
-
-    def _split_status(self) -> dict[str, Any] | None:
         plan = self._placement.plan if self._placement is not None else None
-        if plan is None or not plan.workers:
-            return None
-        return {"model": plan.model, "host": plan.host, "tensor_split": list(plan.tensor_split)}
+        statuses = self.model_statuses()
+        return status_document(
+            self._config, facts, statuses, self._known_records(), peers, lanes, plan
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -316,12 +191,17 @@ class Node:
             cap = max_vram_bytes(config)
             self._hardware = await run_in_daemon_thread(lambda: detect_hardware(max_vram_bytes=cap))
             core = MeshCore(await self._initial_record(), config.mesh, random.Random(), _now())
-        self.peers = PeerManager(self.identity, mesh, core, tokens=self._tokens, timings=config.net)
+        self.peers = PeerManager(
+            self.identity,
+            mesh,
+            core,
+            tokens=self._tokens,
+            timings=config.net,
+            inbound=self._handlers.accept,
+            on_change=self._on_mesh_change,
+        )
         port = await self.peers.bind(config.net.bind_host, config.net.bind_port)
-        if config.net.api_fast_lane:
-            self._lanes = HttpLanes(
-                self.identity, self._lane_address, config.net.fast_lane_connect_timeout_s
-            )
+        self._transport, self._http = self._peer_transport(self.peers)
         addrs = (*config.net.advertise, *(format_addr(ip, port) for ip in _local_addresses()))
         if core is not None:
             await self._start_fast_lane()
@@ -335,7 +215,7 @@ class Node:
             runners.append(await self._start_api())
             await self._run_tasks(shutdown, runners, serving=core is not None)
         except ExceptionGroup as failed:  # a task of the node failed: one error for the CLI
-            raise _one_error(failed) from failed
+            raise one_error(failed) from failed
         finally:
             for runner in runners:
                 await runner.cleanup()
@@ -347,8 +227,12 @@ class Node:
         """The node's tasks (mesh, placement, demand) until `shutdown`, then the stop order:
         drain the API requests in flight, leave the mesh, stop children and lanes."""
         assert self.identity is not None and self.peers is not None
+        assert self._http is not None
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self.peers.run())]
+            tasks = [group.create_task(self.peers.run()), group.create_task(self._http.run())]
+            if self._fast_lane is not None and self._tunnels is not None:
+                tasks.append(group.create_task(self._fast_lane.run()))
+                tasks.append(group.create_task(self._tunnels.run()))
             if serving:
                 assert self._tunnels is not None  # made with the fast lane
                 self._placement = Placement(
@@ -360,48 +244,27 @@ class Node:
                     self._tunnels,
                     make_server=self._assigned_server,
                 )
-                self.peers.listeners.on_change.append(self._placement.notify)
-                placement = self._placement
-                self.peers.rpc_port = lambda: placement.rpc_port
                 tasks.append(group.create_task(self._placement.run()))
                 tasks.append(group.create_task(self._publish_demand()))
             await shutdown.wait()
             self._binaries.cancel.set()
-            await self._drain_requests()
+            # New API requests get 503; those in flight — this node's clients' and other
+            # nodes' — finish while the mesh links and model servers they need are still up.
+            await self._drain.finish(self._config.shutdown_grace_s)
             await self.peers.leave()
             for runner in runners:
                 for site in list(runner.sites):
                     await site.stop()
             if self._placement is not None:
                 await self._placement.stop()
-            await self._stop_fast_lane()
-            for task in tasks:
+            for task in tasks:  # lanes, tunnels, links: each ends what it owns
                 task.cancel()
-
-    async def _drain_requests(self) -> None:
-        """Refuse new API requests (503) and let the ones in flight — this node's clients' and
-        other nodes' — finish within `shutdown_grace_s`, while the mesh links and the model
-        servers they need are still up."""
-        drain, grace_s = self._drain, self._config.shutdown_grace_s
-        drain.start()
-        log.info(
-            "shutting down: %d request(s) in flight get up to %.0f s",
-            drain.active,
-            grace_s,
-            extra={"event": "node_stopping", "in_flight": drain.active},
-        )
-        if not await drain.wait_idle(grace_s):
-            log.warning(
-                "shutdown grace over: %d request(s) still in flight are cut",
-                drain.active,
-                extra={"event": "drain_expired", "in_flight": drain.active},
-            )
 
     async def _publish_demand(self) -> None:
         """Gossip this node's request rates per model when they changed noticeably."""
         published: dict[str, float] = {}
         while True:
-            await asyncio.sleep(DEMAND_PUBLISH_INTERVAL_S)
+            await asyncio.sleep(self._config.demand_publish_interval_s)
             rates = self._demand.rates(time.monotonic())
             if self.peers is not None and rates_changed(published, rates):
                 self.peers.update_self(demand=rates)
@@ -418,39 +281,47 @@ class Node:
 
     # -- helpers --------------------------------------------------------------------------
 
-    async def _start_fast_lane(self) -> None:
-        """RPC tunnels to workers, and the fast-lane server that workers' hosts dial."""
-        assert self.identity is not None and self.peers is not None
-        net, peers = self._config.net, self.peers
-        self._tunnels = RpcTunnels(
-            self.identity, peers, fast_lane_timeout_s=net.fast_lane_connect_timeout_s
+    def _peer_transport(self, peers: PeerManager) -> tuple[PeerTransport, HttpPeerClient]:
+        """How this node reaches peers, and its pool for API requests to other hosts."""
+        assert self.identity is not None
+        net = self._config.net
+        fast = {StreamType.RPC} | ({StreamType.HTTP} if net.api_fast_lane else set())
+        transport = PeerTransport(
+            self.identity,
+            peers,
+            fast_lane_purposes=frozenset(fast),
+            connect_timeout_s=net.fast_lane_connect_timeout_s,
+            fast_lane_retry_s=net.fast_lane_retry_s,
         )
-        self._fast_lane = await start_fast_lane(
+        client = HttpPeerClient(
+            transport,
+            pool_idle_s=net.http_pool_idle_s,
+            pool_max_idle=net.http_pool_max_idle,
+            finish_s=net.http_finish_s,
+        )
+        return transport, client
+
+    async def _start_fast_lane(self) -> None:
+        """RPC tunnels to workers, the fast-lane server that other nodes dial, and the RPC
+        stream handler of a worker (over either lane)."""
+        assert self.identity is not None and self.peers is not None
+        assert self._transport is not None
+        net, peers = self._config.net, self.peers
+        self._tunnels = RpcTunnels(self._transport)
+        self._fast_lane = await start_fast_lane_server(
             self.identity,
             net.bind_host,
             net.fast_lane_port,
-            is_allowed=peers.is_admitted,
-            rpc_port=lambda: self._placement.rpc_port if self._placement is not None else None,
-            http=lambda: self._http_lane_handler,
+            peers.is_admitted,
+            self._handlers,
+            net,
         )
+        self._handlers.serve(StreamType.RPC, rpc_worker_handler(self._rpc_port))
         peers.update_self(fast_lane_port=net.fast_lane_advertise_port or self._fast_lane.port)
 
-    def _lane_address(self, node_id: NodeId) -> tuple[str, int] | None:
-        """Where `node_id`'s fast lane listens (gossip for a member, the routing table for a
-        client), or None."""
-        if self.peers is None:
-            return None
-        records = self.peers.records() or self.peers.routes.records
-        record = next((r for r in records if r.node_id == node_id), None)
-        return fast_lane_addr_of(record, self.peers.connection_of(node_id))
-
-    async def _stop_fast_lane(self) -> None:
-        if self._lanes is not None:
-            await self._lanes.close_all()
-        if self._tunnels is not None:
-            await self._tunnels.close_all()
-        if self._fast_lane is not None:
-            await self._fast_lane.close()
+    def _rpc_port(self) -> int | None:
+        """The port of this node's rpc-server while it is a worker (else None)."""
+        return self._placement.rpc_port if self._placement is not None else None
 
     def _node_id(self) -> str:
         return self.identity.node_id if self.identity else ""
@@ -470,13 +341,6 @@ class Node:
 
     def _metric_sources(self) -> MetricSources:
         return MetricSources(peer_count=self._linked_peers, tunnel_bytes=self._tunnel_bytes)
-
-    def _is_host(self) -> bool:
-        """This node hosts a model (solo or a split) in its own published serving map."""
-        own = next((r for r in self._known_records() if r.node_id == self._node_id()), None)
-        return own is not None and any(
-            info.role == "host" and info.host == own.node_id for info in own.serving.values()
-        )
 
     def _role(self) -> str:
         if self._config.client:
@@ -512,6 +376,15 @@ class Node:
             api_port=self._config.api.port,
             software_version=__version__,
         )
+
+    def _leave(self) -> None:
+        if self._shutdown is not None:
+            self._shutdown.set()
+
+    def _on_mesh_change(self) -> None:
+        """The mesh's records (or a client's routing table) changed: re-plan."""
+        if self._placement is not None:
+            self._placement.notify()
 
     def _on_local_change(self) -> None:
         """A local model changed state: republish and re-plan."""
@@ -551,9 +424,11 @@ class Node:
 
     async def _start_api(self) -> web.AppRunner:
         api = self._config.api
-        app = create_app(self, api, mesh=self, sources=self._metric_sources())
-        # Outermost, so a draining node refuses before any other work (frozen at setup).
-        app.middlewares.insert(0, drain_middleware(self._drain, PROXIED_PATHS, api.retry_after_s))
+        # A drop forwarded by another node is answered by drop_local: never forwarded again.
+        sources = self._metric_sources()
+        app = create_app(
+            self, api, mesh=self, sources=sources, drain=self._drain, peer_drop=self.drop_local
+        )
         runner = web.AppRunner(
             app,
             handler_cancellation=True,  # a client that goes away cancels its upstream request
@@ -564,12 +439,7 @@ class Node:
         )
         await runner.setup()
         self._proxy = runner.app[PROXY_KEY]
-        inbound = runner.app[INBOUND_KEY]
-        inbound.drop = self.drop_local  # a drop forwarded by another node: never forward again
-        inbound.drain = self._drain
-        self._http_lane_handler = inbound.serve_lane
-        if self.peers is not None:
-            self.peers.http_handler = inbound.serve
+        self._handlers.serve(StreamType.HTTP, runner.app[INBOUND_KEY].serve)
         await _start_site(runner, api.host, api.port, "--port")
         warn_if_exposed(api)
         self._announce(f"OpenAI API: {self.api_url}  (answers 503 until a model is ready)")
@@ -586,25 +456,6 @@ async def _start_site(runner: web.AppRunner, host: str, port: int, flag: str) ->
             f"cannot listen on {host}:{port} ({exc.strerror}); is another mesh-llm running? "
             f"Stop it or pass {flag}"
         ) from exc
-
-
-def _one_error(failed: BaseExceptionGroup[BaseException]) -> MeshError:
-    """The error a failed node task ends the node with: its `MeshError` as is; anything else is
-    a bug, logged here with its traceback and reported as a `MeshError` that says so."""
-    mesh_errors, others = failed.split(MeshError)
-    if others is not None:
-        log.error("a task of the node failed", exc_info=others)
-    leaves = list(_leaves(mesh_errors if mesh_errors is not None else failed))
-    if mesh_errors is not None and isinstance(leaves[0], MeshError):
-        return leaves[0]
-    return MeshError(f"the node stopped after an internal error ({leaves[0]!r}); see the log")
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
-    return found
 
 
 def _now() -> float:

@@ -19,12 +19,11 @@ from mesh_llm.backend.process import ChildState
 from mesh_llm.backend.rpc_worker import RpcWorker
 from mesh_llm.backend.serving import BinaryProvider, ModelServer, run_in_daemon_thread
 from mesh_llm.config import Config
+from mesh_llm.core.assignment import own_group_plan, worker_assignment
 from mesh_llm.core.planner import (
     GroupPlan,
     ModelNeed,
     assign_model,
-    fits,
-    plan_group,
     plan_is_stable,
 )
 from mesh_llm.core.types import NodeId, short_id
@@ -32,9 +31,6 @@ from mesh_llm.models.gguf import estimate_kv_cache_bytes, read_gguf_info
 from mesh_llm.wire.messages import NodeRecord, ServingInfo
 
 log = logging.getLogger(__name__)
-
-REPLAN_DEBOUNCE_S = 0.3
-RPC_START_TIMEOUT_S = 30.0
 
 
 class Tunnels(Protocol):
@@ -111,7 +107,7 @@ class Placement:
                 )
             while True:
                 await self._changed.wait()
-                await asyncio.sleep(REPLAN_DEBOUNCE_S)
+                await asyncio.sleep(self._config.replan_debounce_s)
                 self._changed.clear()
                 await self._replan()
 
@@ -156,7 +152,7 @@ class Placement:
         """A node without --model takes a wanted, unserved model it has on disk."""
         if self._make_server is None or len(records) < 2:
             return
-        choice = assign_model(self._id, records)
+        choice = assign_model(self._id, records, self._config.planner)
         if choice is None:
             if not self._said_standby:
                 log.info("No unserved model fits — standing by as a worker")
@@ -175,21 +171,7 @@ class Placement:
 
     def _plan_own_group(self, records: Mapping[str, NodeRecord]) -> GroupPlan:
         assert self._need is not None
-        me = records[self._id]
-        name = self._need.name
-        members = sorted(n for n, r in records.items() if name in r.serving)
-        force = any(name in records[n].split_models for n in members)
-        if not force and fits(me.vram_bytes, self._need):
-            return GroupPlan(name, self._id, (), (), None)
-        return plan_group(
-            name,
-            self._need,
-            records,
-            members=members,
-            standby=_standby(records),
-            force_split=force,
-            incumbent_host=_incumbent(name, records),
-        )
+        return own_group_plan(self._id, self._need, records, self._config.planner)
 
     async def _apply_host_role(self, plan: GroupPlan, records: Mapping[str, NodeRecord]) -> None:
         assert self._server is not None
@@ -260,7 +242,7 @@ class Placement:
             self._local_rpc = RpcWorker(self._config, binaries, on_state)
             assert self._group is not None
             self._group.create_task(self._local_rpc.run())
-            async with asyncio.timeout(RPC_START_TIMEOUT_S):
+            async with asyncio.timeout(self._config.rpc_start_timeout_s):
                 await ready.wait()
         return self._local_rpc.port
 
@@ -310,37 +292,7 @@ class Placement:
         self._publish()
 
     def _worker_assignment(self, records: Mapping[str, NodeRecord]) -> tuple[str, str] | None:
-        for record in records.values():
-            for model, info in record.serving.items():
-                if info.role != "host" or record.node_id == self._id:
-                    continue
-                need_host = record.node_id
-                members = sorted(n for n, r in records.items() if model in r.serving)
-                force = any(model in records[n].split_models for n in members)
-                need = self._need_of(model, records)
-                if need is None:
-                    continue
-                if not force and fits(record.vram_bytes, need):
-                    continue
-                plan = plan_group(
-                    model,
-                    need,
-                    records,
-                    members=members,
-                    standby=_standby(records),
-                    force_split=force,
-                    incumbent_host=need_host,
-                )
-                if self._id in plan.workers:
-                    return (model, need_host)
-        return None
-
-    def _need_of(self, model: str, records: Mapping[str, NodeRecord]) -> ModelNeed | None:
-        if self._need is not None and self._need.name == model:
-            return self._need
-        sizes = [r.models_on_disk[model] for r in records.values() if model in r.models_on_disk]
-        # Without the file locally, estimate from its size (KV cache unknown: weights only).
-        return ModelNeed(model, max(sizes), 0) if sizes else None
+        return worker_assignment(self._id, records, self._need, self._config.planner)
 
     def _on_worker_state(self, state: ChildState, detail: str) -> None:
         self._worker_ready = state is ChildState.READY
@@ -369,19 +321,9 @@ class Placement:
         self._mesh.update_self(serving=serving, split_models=split)
 
 
-def _standby(records: Mapping[str, NodeRecord]) -> list[str]:
-    return sorted(n for n, r in records.items() if r.role == "standby" and not r.serving)
-
-
-def _incumbent(model: str, records: Mapping[str, NodeRecord]) -> str | None:
-    hosts = sorted(n for n, r in records.items() if r.serving.get(model, _NONE).role == "host")
-    return hosts[0] if hosts else None
-
-
 def _worker_ready(records: Mapping[str, NodeRecord], worker: str, model: str, host: str) -> bool:
     info = records.get(worker, _EMPTY).serving.get(model)
     return info is not None and info.role == "worker" and info.ready and info.host == host
 
 
-_NONE = ServingInfo("none")
 _EMPTY = NodeRecord(node_id="", version=0)

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh_llm.errors import MeshError
+from mesh_llm.errors import ServiceError
 
 UNIT_NAME = "mesh-llm.service"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
@@ -51,10 +51,6 @@ _HARDENING_SYSTEM = (
     "RestrictNamespaces=yes",
     "SystemCallArchitectures=native",
 )
-
-
-class ServiceError(MeshError):
-    """Installing or removing the unit failed."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,7 +87,9 @@ def _show_api_lanes(console: Console, lanes: dict[str, Any] | None) -> None:
         f"{lanes['quic']} over QUIC"
     )
     if lanes["quic_for_now"]:
-        line += f" (on QUIC for now: {', '.join(lanes['quic_for_now'])})"
+        reasons = lanes.get("reasons", {})
+        hosts = [f"{h}: {reasons[h]}" if reasons.get(h) else h for h in lanes["quic_for_now"]]
+        line += f" (on QUIC for now: {'; '.join(hosts)})"
     console.print(line, highlight=False)
 
 

@@ -25,7 +25,8 @@ from aiohttp import web
 
 from mesh_llm.api import operations
 from mesh_llm.api.anthropic import ANTHROPIC_PATHS, translate_error
-from mesh_llm.api.inbound import DROP_PATH, InboundRequests
+from mesh_llm.api.drain import Drain, drain_middleware
+from mesh_llm.api.inbound import DROP_PATH, DropHandler, InboundRequests
 from mesh_llm.api.metrics import MetricSources
 from mesh_llm.api.openai import (
     CHAT_PATH,
@@ -34,15 +35,14 @@ from mesh_llm.api.openai import (
     MESSAGES_PATH,
     PROXIED_PATHS,
     RESPONSES_PATH,
-    InvalidRequest,
     error_body,
     validate_request,
 )
 from mesh_llm.api.proxy import MeshAccess, ModelDirectory, Proxy, json_error
 from mesh_llm.api.request_id import request_id_of
-from mesh_llm.api.upstream import UPSTREAM_KEEPALIVE_S
 from mesh_llm.config import ApiConfig
 from mesh_llm.core.affinity import prefix_keys
+from mesh_llm.errors import BodyTimeout, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,19 @@ def create_app(
     config: ApiConfig,
     mesh: MeshAccess | None = None,
     sources: MetricSources | None = None,
+    *,
+    drain: Drain | None = None,
+    peer_drop: DropHandler | None = None,
 ) -> web.Application:
     """The aiohttp application of the API (not yet bound to a socket).
 
-    `sources` feeds node-wide gauges of `/metrics` (peers, tunnel bytes).
+    `sources` feeds node-wide gauges of `/metrics` (peers, tunnel bytes). `drain` (the node's)
+    counts the requests in flight, local and from other nodes, and refuses new ones with 503
+    while the node stops; `peer_drop` answers a drop another node forwards here.
     """
     middlewares = operations.middlewares_around(_errors, config)
+    if drain is not None:  # outermost, so a draining node refuses before any other work
+        middlewares.insert(0, drain_middleware(drain, PROXIED_PATHS, config.retry_after_s))
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     operations.install(app, directory, config, sources)
     metrics, admission = app[operations.METRICS_KEY], app[operations.ADMISSION_KEY]
@@ -77,11 +84,13 @@ def create_app(
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(
-            limit=UPSTREAM_CONNECTIONS_MAX, keepalive_timeout=UPSTREAM_KEEPALIVE_S
+            limit=UPSTREAM_CONNECTIONS_MAX, keepalive_timeout=config.upstream_keepalive_s
         )
         async with aiohttp.ClientSession(connector=connector) as session:
             app[PROXY_KEY] = Proxy(directory, mesh, session, config, metrics, admission)
-            app[INBOUND_KEY] = InboundRequests(directory, session, config, admission, metrics)
+            app[INBOUND_KEY] = InboundRequests(
+                directory, session, config, admission, metrics, peer_drop, drain
+            )
             yield
 
     app.router.add_get("/v1/models", api.models)
@@ -140,10 +149,6 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
     if request.path in PROXIED_PATHS:
         request.app[operations.METRICS_KEY].request_refused("", "none", response.status)
     return response
-
-
-class BodyTimeout(Exception):
-    """The client did not send its request body within `body_read_timeout_s`."""
 
 
 async def read_body(request: web.Request, config: ApiConfig) -> bytes:

@@ -23,9 +23,10 @@ from aiohttp import web
 
 from mesh_llm.api.console_events import EventHub, capture_events
 from mesh_llm.api.console_view import console_view
-from mesh_llm.api.openai import CHAT_PATH, InvalidRequest, error_body, validate_request
+from mesh_llm.api.openai import CHAT_PATH, error_body, validate_request
 from mesh_llm.api.proxy import Proxy, json_error
 from mesh_llm.api.request_id import request_id_of
+from mesh_llm.errors import InvalidRequest
 
 # The page ships inside the package (`mesh_llm/console` links to the top-level `console/` in a
 # checkout; a wheel carries the files themselves), so an installed node serves it too.

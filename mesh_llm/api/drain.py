@@ -68,6 +68,23 @@ class Drain:
             return False
         return True
 
+    async def finish(self, grace_s: float) -> None:
+        """Refuse new requests and let the ones in flight finish within `grace_s` (logged:
+        how many there were, and how many were cut when the grace ran out)."""
+        self.start()
+        log.info(
+            "shutting down: %d request(s) in flight get up to %.0f s",
+            self._active,
+            grace_s,
+            extra={"event": "node_stopping", "in_flight": self._active},
+        )
+        if not await self.wait_idle(grace_s):
+            log.warning(
+                "shutdown grace over: %d request(s) still in flight are cut",
+                self._active,
+                extra={"event": "drain_expired", "in_flight": self._active},
+            )
+
 
 def drain_middleware(drain: Drain, paths: Collection[str], retry_after_s: int) -> Middleware:
     """An aiohttp middleware that counts requests to `paths` and, while the node drains,

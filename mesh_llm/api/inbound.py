@@ -1,9 +1,10 @@
-"""The host side of the API tunnel: requests other nodes send over `HTTP` QUIC streams.
+"""The API host: requests other nodes send this node over `HTTP` streams (any lane).
 
-Each stream carries one request for a model this node serves; it is routed to the LOCAL backend
+Each request (`net/http_peer.serve_http` reads them off a stream) is for a model this node
+serves; it is routed to the LOCAL backend
 only (never forwarded again, so requests cannot loop), relayed back chunk by chunk with
-backpressure, and cancelled when the requester resets the stream (its client went away): the
-llama-server connection is closed and the slot frees at once. Refusals (bad body, model not
+backpressure, and cancelled when the requester breaks the stream off (its client went away):
+the llama-server connection is closed and the slot frees at once. Refusals (bad body, model not
 served here, not ready) come back as OpenAI-shaped JSON with their status, so the requester can
 relay them or retry elsewhere. `/mesh/drop` is answered by the node's drop handler.
 """
@@ -22,29 +23,22 @@ import aiohttp
 from mesh_llm.api.admission import LocalAdmission
 from mesh_llm.api.drain import SHUTTING_DOWN_CODE, SHUTTING_DOWN_MESSAGE, Drain
 from mesh_llm.api.metrics import CLIENT_CLOSED_STATUS, ERROR_STATUS, ApiMetrics
-from mesh_llm.api.openai import PROXIED_PATHS, InvalidRequest, error_body, validate_request
+from mesh_llm.api.openai import PROXIED_PATHS, error_body, validate_request
 from mesh_llm.api.operations import QUEUE_FULL_STATUS, queue_full_message
 from mesh_llm.api.proxy import ModelDirectory
 from mesh_llm.api.upstream import Upstream, UpstreamFailed, open_local
 from mesh_llm.config import ApiConfig
 from mesh_llm.core.router import RouteRefused, choose_route
 from mesh_llm.core.types import NodeId
-from mesh_llm.net.http_lane import serve_http_lane
-from mesh_llm.net.http_tunnel import (
-    TunnelProtocolError,
-    answer_unless_gone,
-    read_request,
-    send_response_head,
-    write_body,
-)
-from mesh_llm.net.quic import QuicStream, StreamReset
-from mesh_llm.wire.messages import HttpRequestHead, RefuseCode
+from mesh_llm.errors import InvalidRequest
+from mesh_llm.net.http_peer import serve_http
+from mesh_llm.net.streams import ByteStream
+from mesh_llm.wire.messages import HttpRequestHead
 
 log = logging.getLogger(__name__)
 
 DROP_PATH = "/mesh/drop"
 BROKEN_OFF_STATUS = 502  # counted for an answer broken off mid-body (its backend failed)
-REQUEST_HEAD_TIMEOUT_S = 30.0  # a requester that opens a stream must send its request by then
 
 DropHandler = Callable[[str], Awaitable[tuple[int, dict[str, Any]]]]
 
@@ -60,6 +54,7 @@ class InboundRequests:
         admission: LocalAdmission,
         metrics: ApiMetrics,
         drop: DropHandler | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self._directory = directory
         self._metrics = metrics
@@ -67,34 +62,22 @@ class InboundRequests:
         self._session = session
         self._config = config
         self.drop = drop
-        self.drain = Drain()  # the node's: counts the answers in flight, refuses while draining
+        # The node's: counts the answers in flight, refuses while draining.
+        self.drain = drain if drain is not None else Drain()
         self.served = 0
 
-    async def serve(self, stream: QuicStream, peer: str) -> None:
+    async def serve(self, stream: ByteStream, peer: NodeId) -> None:
+        """Answer the requests another node sends on `stream`, one at a time."""
         try:
-            async with asyncio.timeout(REQUEST_HEAD_TIMEOUT_S):
-                head, body = await read_request(stream, self._config.max_body_bytes)
-        except (TunnelProtocolError, StreamReset, TimeoutError) as exc:
-            log.warning("bad API request stream from %s: %s", peer[:10], exc)
-            stream.reset(RefuseCode.PROTOCOL_ERROR)
-            return
-        request_id = head.headers.get("X-Request-Id", "")
-        try:
-            answering = self.answer(QuicSink(stream), head, body)
-            if not await answer_unless_gone(answering, stream.wait_failed()):
-                log.info(
-                    "request %s from %s: requester went away; cancelled", request_id, peer[:10]
-                )
-        except StreamReset:
-            log.info("request %s from %s: stream closed mid-answer", request_id, peer[:10])
+            await serve_http(
+                stream,
+                peer,
+                self.answer,
+                max_body_bytes=self._config.max_body_bytes,
+                idle_s=self._config.peer_stream_idle_s,
+            )
         finally:
             self.served += 1
-
-    async def serve_lane(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: NodeId
-    ) -> None:
-        """Requests another node sends over a fast-lane connection (see `net/http_lane`)."""
-        await serve_http_lane(reader, writer, peer, self.answer, self._config.max_body_bytes)
 
     async def answer(self, stream: ResponseSink, head: HttpRequestHead, body: bytes) -> None:
         """Answer one request from another node through `stream`, from the local backend;
@@ -162,8 +145,8 @@ class InboundRequests:
 
 
 class ResponseSink(Protocol):
-    """Where the answer to another node's request goes: a QUIC stream or a fast-lane
-    connection. `abort()` breaks the response off (the requester sees it fail)."""
+    """Where the answer to another node's request goes (`net/http_peer.ResponseWriter`).
+    `abort()` breaks the response off (the requester sees it fail)."""
 
     def head(self, status: int, headers: dict[str, str]) -> None: ...
 
@@ -195,25 +178,6 @@ class _Recorded:
     def abort(self) -> None:
         self.status = BROKEN_OFF_STATUS
         self._sink.abort()
-
-
-class QuicSink:
-    """A `ResponseSink` over an `HTTP` QUIC stream (see `net/http_tunnel`)."""
-
-    def __init__(self, stream: QuicStream) -> None:
-        self._stream = stream
-
-    def head(self, status: int, headers: dict[str, str]) -> None:
-        send_response_head(self._stream, status, headers)
-
-    async def body(self, chunk: bytes) -> None:
-        await write_body(self._stream, chunk)
-
-    def end(self) -> None:
-        self._stream.write_eof()
-
-    def abort(self) -> None:
-        self._stream.reset(RefuseCode.PROTOCOL_ERROR)
 
 
 async def _relay(stream: ResponseSink, upstream: Upstream) -> None:

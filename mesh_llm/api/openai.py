@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh_llm.core.capabilities import Capability
-from mesh_llm.errors import MeshError
+from mesh_llm.errors import InvalidRequest
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -90,14 +90,6 @@ ERROR_TYPES = {
     503: "service_unavailable",
     504: "upstream_error",
 }
-
-
-class InvalidRequest(MeshError):
-    """A request body the API refuses with 400."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:

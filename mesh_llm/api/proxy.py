@@ -9,8 +9,8 @@ reset, its backend refused with 429/502/503 — the request is retried once on a
 (or on a backend elected since), and a failed remote host is reported to the mesh at once. After
 bytes were sent, an SSE stream ends with an OpenAI-style error event; a plain body is cut (the
 connection is closed, so the client cannot mistake it for a whole answer). When the client goes
-away, the handler is cancelled and the upstream is closed (stream reset over QUIC), which makes
-llama-server stop generating.
+away, the handler is cancelled and the upstream is closed (a remote host's stream is broken
+off), which makes llama-server stop generating.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from mesh_llm.api.upstream import (
     RemoteResponse,
     Upstream,
     UpstreamFailed,
-    open_lane,
     open_local,
     open_remote,
     request_head,
@@ -57,8 +56,6 @@ from mesh_llm.core.router import (
     choose_route,
     match_model,
 )
-from mesh_llm.errors import MeshError
-from mesh_llm.net.quic import QuicPeerConnection
 from mesh_llm.wire.messages import HttpRequestHead
 
 log = logging.getLogger(__name__)
@@ -78,15 +75,12 @@ class ModelDirectory(Protocol):
 class MeshAccess(Protocol):
     """How the proxy reaches other nodes (absent on a node without a mesh, e.g. in tests)."""
 
-    async def connection_for(self, node_id: str) -> QuicPeerConnection:
-        """An admitted QUIC connection to `node_id`; raises `MeshError` when unreachable."""
-        ...
-
-    async def send_over_lane(
-        self, node_id: str, head: HttpRequestHead, body: bytes
-    ) -> RemoteResponse | None:
-        """Send over the fast lane to `node_id` and wait for the response head; None when
-        there is no fast lane to it (then QUIC). Raises `ConnectionError` when it failed."""
+    async def send_request(
+        self, node_id: str, head: HttpRequestHead, body: bytes, first_byte_timeout_s: float
+    ) -> RemoteResponse:
+        """Send to `node_id` (over whichever lane reaches it) and wait for the response head
+        (at most `first_byte_timeout_s` once it is reached); raises `MeshError` or
+        `TimeoutError` when it failed."""
         ...
 
     def report_failure(self, node_id: str, reason: str) -> None: ...
@@ -279,17 +273,8 @@ class Proxy:
         assert route.node_id is not None
         if self._mesh is None:
             raise UpstreamFailed("this node has no mesh to reach other hosts")
-        try:
-            # First, even for the fast lane: a client's host admits its lane once the client
-            # has proved itself on a QUIC connection (dialled here on demand).
-            connection = await self._mesh.connection_for(route.node_id)
-        except MeshError as exc:
-            raise UpstreamFailed(f"cannot reach {_where(route)}: {exc}") from exc
         head = request_head(path, body, request_id)
-        over_lane = await open_lane(self._mesh, route.node_id, head, body, self._config)
-        if over_lane is not None:
-            return over_lane
-        return await open_remote(connection, head, body, self._config)
+        return await open_remote(self._mesh, route.node_id, head, body, self._config)
 
     def _report(self, route: Route, reason: str) -> None:
         if route.node_id is not None and self._mesh is not None:

@@ -1,7 +1,7 @@
 """Where a proxied request's answer comes from: the local llama-server, or another host.
 
-Another host is reached over the fast lane when it has one (`open_lane`, see `net/http_lane`),
-else over an `HTTP` QUIC stream (`open_remote`). All kinds look the same to the proxy: the
+Another host is reached through the mesh (`open_remote`; which lane carries it is the
+transport's business, see `net/transport.py`). Both kinds look the same to the proxy: the
 `open_*` functions send the request and return
 once the response head has arrived (bounded by the first-byte timeout), or raise
 `UpstreamFailed` — the point before which a request can still be retried on another replica.
@@ -19,28 +19,17 @@ from typing import Protocol
 import aiohttp
 
 from mesh_llm.config import ApiConfig
-from mesh_llm.errors import MeshError
-from mesh_llm.net.http_tunnel import TunnelProtocolError, send_request
-from mesh_llm.net.quic import QuicPeerConnection, StreamReset
+from mesh_llm.errors import MeshError, UpstreamFailed
+
+__all__ = ["UpstreamFailed"]  # raised by every `open_*` here (defined in errors.py)
 from mesh_llm.wire.messages import HttpRequestHead
 
 FORWARDED_HEADERS = ("Content-Type", "Retry-After")
 LOCAL_CONNECT_ATTEMPTS = 2  # a stale pooled connection, then a fresh one
-# llama-server (cpp-httplib) closes idle keep-alive connections after 5 s; the client pool
-# drops them sooner so that reuse rarely races with that close.
-UPSTREAM_KEEPALIVE_S = 2.0
-
-
-class LaneSender(Protocol):
-    async def send_over_lane(
-        self, node_id: str, head: HttpRequestHead, body: bytes
-    ) -> RemoteResponse | None:
-        """Send over the fast lane and wait for the head; None when there is no lane."""
-        ...
-
-
-class UpstreamFailed(MeshError):
-    """The backend failed (before the response head, or mid-body)."""
+# What a request to another host can fail with: a mesh error (no lane, the stream broken off,
+# bad framing) or one of our timeouts (first byte, idle between chunks).
+PEER_FAILURES = (MeshError, TimeoutError)
+LOCAL_FAILURES = (aiohttp.ClientError, TimeoutError)  # the local llama-server's, via aiohttp
 
 
 class Upstream(Protocol):
@@ -53,7 +42,7 @@ class Upstream(Protocol):
 
     def finish(self) -> None:
         """The client has the whole answer (an SSE stream's `[DONE]`) but left before its
-        end: let the backend end it (a pooled lane connection survives) instead of aborting."""
+        end: let the backend end it (a pooled stream to another host survives), not abort."""
         ...
 
 
@@ -69,7 +58,7 @@ class LocalUpstream:
         try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except LOCAL_FAILURES as exc:
             raise UpstreamFailed(f"the backend failed mid-response: {exc!r}") from exc
 
     def close(self) -> None:
@@ -107,14 +96,14 @@ async def open_local(
             if attempt + 1 < LOCAL_CONNECT_ATTEMPTS:
                 continue
             raise UpstreamFailed(f"the local backend failed before answering: {exc!r}") from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except LOCAL_FAILURES as exc:
             raise UpstreamFailed(f"the local backend failed before answering: {exc!r}") from exc
         return LocalUpstream(response)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 class RemoteResponse(Protocol):
-    """A response from another host, head received: over QUIC or over the fast lane."""
+    """A response from another host, head received (`net/http_peer.PeerResponse`)."""
 
     status: int
     headers: dict[str, str]
@@ -126,8 +115,19 @@ class RemoteResponse(Protocol):
     def finish(self) -> None: ...
 
 
+class PeerRequests(Protocol):
+    """How to send a request to another host (the node's `HttpPeerClient`)."""
+
+    async def send_request(
+        self, node_id: str, head: HttpRequestHead, body: bytes, first_byte_timeout_s: float
+    ) -> RemoteResponse:
+        """Reach `node_id`, send, and wait for the response head at most
+        `first_byte_timeout_s`; raises `MeshError` or `TimeoutError` when it failed."""
+        ...
+
+
 class RemoteUpstream:
-    """A response streaming back from another node (QUIC stream or fast-lane connection)."""
+    """A response streaming back from another node."""
 
     def __init__(self, response: RemoteResponse, idle_timeout_s: float) -> None:
         self._response = response
@@ -142,7 +142,7 @@ class RemoteUpstream:
             async for chunk in self._response.chunks(self._idle_timeout_s):
                 self.body_bytes += len(chunk)
                 yield chunk
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
+        except PEER_FAILURES as exc:
             raise UpstreamFailed(f"the remote host failed mid-response: {exc!r}") from exc
         self._done = True
 
@@ -161,25 +161,14 @@ def request_head(path: str, body: bytes, request_id: str) -> HttpRequestHead:
     return HttpRequestHead("POST", path, headers, len(body))
 
 
-async def open_lane(
-    lanes: LaneSender, node_id: str, head: HttpRequestHead, body: bytes, config: ApiConfig
-) -> RemoteUpstream | None:
-    """Send the request over the fast lane to `node_id`; None when it has none (use QUIC)."""
-    try:
-        async with asyncio.timeout(config.first_byte_timeout_s):
-            response = await lanes.send_over_lane(node_id, head, body)
-    except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
-        raise UpstreamFailed(f"the remote host failed before answering: {exc!r}") from exc
-    return RemoteUpstream(response, config.idle_chunk_timeout_s) if response is not None else None
-
-
 async def open_remote(
-    connection: QuicPeerConnection, head: HttpRequestHead, body: bytes, config: ApiConfig
+    peers: PeerRequests, node_id: str, head: HttpRequestHead, body: bytes, config: ApiConfig
 ) -> RemoteUpstream:
-    """Send the request over an `HTTP` QUIC stream and wait for the response head."""
+    """Send the request to `node_id` and wait for the response head (first-byte timeout)."""
     try:
-        async with asyncio.timeout(config.first_byte_timeout_s):
-            response = await send_request(connection, head, body)
-    except (StreamReset, TunnelProtocolError, TimeoutError) as exc:
+        response = await peers.send_request(node_id, head, body, config.first_byte_timeout_s)
+    except UpstreamFailed:
+        raise
+    except PEER_FAILURES as exc:
         raise UpstreamFailed(f"the remote host failed before answering: {exc!r}") from exc
     return RemoteUpstream(response, config.idle_chunk_timeout_s)

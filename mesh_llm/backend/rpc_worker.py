@@ -22,8 +22,6 @@ from mesh_llm.errors import BackendError
 
 log = logging.getLogger(__name__)
 
-PORT_PROBE_TIMEOUT_S = 1.0
-
 
 class RpcWorker:
     """llama.cpp's rpc-server on 127.0.0.1:`port`, supervised."""
@@ -44,7 +42,7 @@ class RpcWorker:
         argv = build_rpc_server_argv(binaries.rpc_server, self.port, threads=threads)
         self.supervisor = Supervisor(
             ChildSpec("rpc-server", tuple(argv)),
-            health=port_accepts(self.port),
+            health=port_accepts(self.port, config.backend.port_probe_timeout_s),
             config=config.backend,
             run_dir=config.run_dir,
             on_state=on_state,
@@ -58,12 +56,12 @@ class RpcWorker:
         await self.supervisor.stop()
 
 
-def port_accepts(port: int) -> HealthCheck:
-    """A check that something accepts TCP connections on 127.0.0.1:`port`."""
+def port_accepts(port: int, timeout_s: float) -> HealthCheck:
+    """A check that something accepts TCP connections on 127.0.0.1:`port` within `timeout_s`."""
 
     async def check() -> bool:
         try:
-            async with asyncio.timeout(PORT_PROBE_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
                 _, writer = await asyncio.open_connection(LOOPBACK, port)
         except (OSError, TimeoutError):
             return False

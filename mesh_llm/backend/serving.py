@@ -24,7 +24,7 @@ import aiohttp
 from mesh_llm.backend.build import Binaries, ensure_binaries
 from mesh_llm.backend.llama import LOOPBACK, build_llama_server_argv
 from mesh_llm.backend.process import ChildSpec, ChildState, HealthCheck, Supervisor
-from mesh_llm.config import Config
+from mesh_llm.config import BackendConfig, Config
 from mesh_llm.core.capabilities import BackendMode, ModelFacts, backend_mode
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName
@@ -36,8 +36,6 @@ from mesh_llm.models.resolve import ResolvedModel, list_local_models, resolve_mo
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-HEALTH_REQUEST_TIMEOUT_S = 2.0
-PROGRESS_LOG_INTERVAL_S = 5.0
 
 
 class BinaryProvider:
@@ -56,7 +54,7 @@ class BinaryProvider:
     async def get(self) -> Binaries:
         async with self._lock:
             if self._binaries is None:
-                progress = ProgressLog("llama.cpp build")
+                progress = ProgressLog("llama.cpp build", self._config.backend)
                 config = self._config
                 self._binaries = await run_in_daemon_thread(
                     lambda: ensure_binaries(config.backend, config.cache_dir, progress, self.cancel)
@@ -124,7 +122,7 @@ class ModelServer:
         try:
             self._set(ModelState.LOADING, "resolving model")
             spec, models_dir, cache = self.spec, self._config.models_dir, self._config.cache_dir
-            progress = ProgressLog(spec)
+            progress = ProgressLog(spec, self._config.backend)
             model = await run_in_daemon_thread(
                 lambda: resolve_model(spec, models_dir, progress=progress, cache_dir=cache)
             )
@@ -213,7 +211,7 @@ class ModelServer:
 
         self.supervisor = Supervisor(
             ChildSpec("llama-server", tuple(argv)),
-            health=health_check(endpoint),
+            health=health_check(endpoint, backend.health_request_timeout_s),
             config=backend,
             run_dir=self._config.run_dir,
             on_state=on_state,
@@ -278,11 +276,11 @@ def find_draft(model: ResolvedModel, config: Config) -> Path | None:
     return None
 
 
-def health_check(endpoint: str) -> HealthCheck:
-    """A check that llama-server's `/health` answers 200."""
+def health_check(endpoint: str, timeout_s: float) -> HealthCheck:
+    """A check that llama-server's `/health` answers 200 within `timeout_s`."""
 
     async def check() -> bool:
-        timeout = aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S)
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
         try:
             async with (
                 aiohttp.ClientSession(timeout=timeout) as session,
@@ -298,13 +296,14 @@ def health_check(endpoint: str) -> HealthCheck:
 class ProgressLog:
     """Turns progress callbacks from worker threads into throttled INFO log lines."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, config: BackendConfig) -> None:
         self._what = what
+        self._interval_s = config.progress_log_interval_s
         self._last = 0.0
 
     def __call__(self, done: int | str, total: int | None = None) -> None:
         now = time.monotonic()
-        if now - self._last < PROGRESS_LOG_INTERVAL_S:
+        if now - self._last < self._interval_s:
             return
         self._last = now
         if isinstance(done, str):

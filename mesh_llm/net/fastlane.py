@@ -2,10 +2,11 @@
 
 aioquic is pure Python and CPU-bound, so bulk and latency-critical byte streams (llama.cpp RPC
 sessions, later model-file transfers) take a direct TLS connection instead.
-`FastLaneServer.start` listens; `fast_lane_connect` dials, pins the server's node id and
-names the purpose of the connection (a `StreamType` byte). Both return plain asyncio
-reader/writer pairs once both sides are authenticated. Raises `PeerUnavailable` when the lane
-cannot be made and `ProtocolError` for a wrong key or a refusal. Imports no aioquic.
+`FastLaneServer.start` listens (its connections are tasks of `run()`); `fast_lane_connect`
+dials, pins the server's node id and names the purpose of the connection (a `StreamType`
+byte). Both give plain asyncio reader/writer pairs once both sides are authenticated. Raises
+`PeerUnavailable` when the lane cannot be made and `ProtocolError` for a wrong key or a
+refusal. Imports no aioquic.
 
 Authentication. Python's `ssl` has no verification callback: a server with `CERT_OPTIONAL` or
 `CERT_REQUIRED` rejects any client certificate that does not chain to a CA it loaded, and a
@@ -41,18 +42,20 @@ import os
 import socket
 import ssl
 import tempfile
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from mesh_llm.config import NetConfig
 from mesh_llm.core.types import NodeId, short_id
-from mesh_llm.errors import IdentityError, PeerUnavailable, ProtocolError
+from mesh_llm.errors import IdentityError, PeerUnavailable, ProtocolError, StreamReset
 from mesh_llm.identity import (
     NodeIdentity,
     make_self_signed_certificate,
     node_id_from_certificate,
     verify_signature,
 )
+from mesh_llm.logs import RateLimitedLog
 from mesh_llm.wire.messages import RefuseCode, StreamType
 
 log = logging.getLogger(__name__)
@@ -64,9 +67,7 @@ KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 ACCEPTED = 0
 SIGNATURE_CONTEXT = b"mesh-llm fast lane v1\x00"
-AUTH_TIMEOUT_S = 10.0
-# Bounds the wait for a closed connection to finish closing (a TLS close_notify exchange).
-CLOSE_TIMEOUT_S = 5.0
+_DEFAULTS = NetConfig()  # the timeouts of callers that pass none
 # StreamReader buffer: large so that one read can return a large chunk (pauses at 2x this).
 STREAM_LIMIT_BYTES = 1024 * 1024
 
@@ -126,31 +127,13 @@ class Closable(Protocol):
     async def wait_closed(self) -> None: ...
 
 
-async def close_and_wait(writer: Closable) -> None:
-    """Close `writer` and wait (up to `CLOSE_TIMEOUT_S`) until its transport has let go, so
-    that no transport outlives its session; errors of an already broken connection are moot."""
+async def close_and_wait(writer: Closable, timeout_s: float = _DEFAULTS.close_timeout_s) -> None:
+    """Close `writer` and wait (up to `timeout_s`) until its transport has let go, so that no
+    transport outlives its session; errors of an already broken connection are moot."""
     writer.close()
     with contextlib.suppress(OSError, TimeoutError):
-        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             await writer.wait_closed()
-
-
-async def run_owned(sessions: set[asyncio.Task[None]], session: Coroutine[Any, Any, None]) -> None:
-    """Run `session` as a task in `sessions`, from an `asyncio.Server` connection callback.
-
-    The owner ends sessions by cancelling the tasks in `sessions`: that is a normal end here,
-    not an error for asyncio to log. Cancellation of the callback itself still propagates.
-    """
-    task = asyncio.create_task(session)
-    sessions.add(task)
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-    finally:
-        sessions.discard(task)
 
 
 def _peer_node_id(writer: asyncio.StreamWriter) -> NodeId | None:
@@ -165,7 +148,14 @@ def _peer_node_id(writer: asyncio.StreamWriter) -> NodeId | None:
 
 
 class FastLaneServer:
-    """Accepts fast-lane connections; hands authenticated ones to `on_connection`."""
+    """Accepts fast-lane connections; hands authenticated ones to `on_connection`.
+
+    A connection is accepted as plain TCP with reading paused, and counted as pending until it
+    has done TLS and proved its key (`handshake_timeout_s` for both): beyond `max_pending` a new
+    one is closed unread, so a flood of connections that never finish TLS costs a bounded
+    amount of memory (asyncio holds ~0.5 MB of buffers per TLS handshake). Each refused or
+    failed connection is logged once with its reason, at most `log_lines_per_s` a second.
+    """
 
     def __init__(
         self,
@@ -173,16 +163,24 @@ class FastLaneServer:
         on_connection: ConnectionHandler,
         is_allowed: Callable[[NodeId], bool],
         purposes: frozenset[StreamType],
-        auth_timeout_s: float,
+        limits: NetConfig,
     ) -> None:
         self._identity = identity
         self._on_connection = on_connection
         self._is_allowed = is_allowed
         self._purposes = purposes
-        self._auth_timeout_s = auth_timeout_s
+        self._handshake_timeout_s = limits.fast_lane_handshake_timeout_s
+        self._max_pending = limits.fast_lane_max_pending
+        self._failures = RateLimitedLog(
+            log, limits.fast_lane_log_lines_per_s, "fast-lane connections refused or failed"
+        )
+        self._context: ssl.SSLContext | None = None
         self._server: asyncio.Server | None = None
-        # One task per connection, owned here so that close() ends them (see `run_owned`).
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._group: asyncio.TaskGroup | None = None  # one task per connection, see `run()`
+        self._early: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.pending = 0  # connections accepted, not yet authenticated (tests read it)
+        self.most_pending = 0  # the highest `pending` seen
+        self.refused = 0  # connections closed unread because `max_pending` were pending
 
     @classmethod
     async def start(
@@ -194,14 +192,14 @@ class FastLaneServer:
         on_connection: ConnectionHandler,
         is_allowed: Callable[[NodeId], bool],
         purposes: frozenset[StreamType] = frozenset({StreamType.RPC}),
-        auth_timeout_s: float = AUTH_TIMEOUT_S,
+        limits: NetConfig = _DEFAULTS,
     ) -> FastLaneServer:
         """Listen on host:port (0: any free port). Raises `PeerUnavailable` if it cannot bind."""
-        lane = cls(identity, on_connection, is_allowed, purposes, auth_timeout_s)
-        context = await asyncio.to_thread(server_context, identity)  # writes temporary files
+        lane = cls(identity, on_connection, is_allowed, purposes, limits)
+        lane._context = await asyncio.to_thread(server_context, identity)  # temporary files
         try:
             lane._server = await asyncio.start_server(
-                lane._accepted, host, port, ssl=context, limit=STREAM_LIMIT_BYTES
+                lane._accepted, host, port, limit=STREAM_LIMIT_BYTES
             )
         except OSError as exc:
             raise PeerUnavailable(
@@ -217,40 +215,112 @@ class FastLaneServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    async def close(self) -> None:
-        """Stop listening and end every connection it accepted."""
+    async def run(self) -> None:
+        """Serve connections until cancelled; then stop listening and end every one."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                for reader, writer in self._early:
+                    group.create_task(self._serve(reader, writer))
+                self._early.clear()
+                try:
+                    await asyncio.Event().wait()  # until cancelled
+                finally:
+                    self._stop_listening()  # no new connection while the group ends
+        finally:
+            self._group = None
+            self._stop_listening()
+            self._failures.flush()
+
+    def _stop_listening(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await run_owned(self._handlers, self._serve(reader, writer))
+    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Called from connection_made, before the transport reads: nothing is read until the
+        # TLS layer is in place (or the connection is closed unread).
+        transport = writer.transport
+        if isinstance(transport, asyncio.ReadTransport):  # a socket transport: always
+            transport.pause_reading()
+        if self.pending >= self._max_pending:
+            self.refused += 1
+            self._failures.log(
+                logging.WARNING,
+                "fast lane: refused a connection from %s: %d handshakes pending (the most)",
+                _peer_addr(writer),
+                self.pending,
+                event="fast_lane_refused",
+                reason="too_many_pending",
+            )
+            writer.transport.abort()
+            return
+        self._count_pending(+1)
+        if self._group is None:
+            self._early.append((reader, writer))  # run() serves them when it starts
+            return
+        try:
+            self._group.create_task(self._serve(reader, writer))
+        except RuntimeError:  # the group is ending: so is this server
+            self._count_pending(-1)
+            writer.transport.abort()
+
+    def _count_pending(self, change: int) -> None:
+        self.pending += change
+        self.most_pending = max(self.most_pending, self.pending)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _peer_addr(writer)
+        accepted: tuple[NodeId, StreamType] | None = None
         try:
-            set_no_delay(writer)
-            accepted = await self._authenticate(reader, writer)
+            try:
+                accepted = await self._handshake(reader, writer, peer)
+            finally:
+                self._count_pending(-1)
             if accepted is not None:
                 await self._on_connection(accepted[0], accepted[1], reader, writer)
-        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
-            log.info("fast lane connection from %s ended: %r", _peer_addr(writer), exc)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, StreamReset) as exc:
+            log.info("fast lane connection from %s ended: %r", peer, exc)
         except Exception:
-            log.exception("fast lane handler failed for %s", _peer_addr(writer))
+            log.exception("fast lane handler failed for %s", peer)
         finally:
-            await close_and_wait(writer)
+            if accepted is None:
+                writer.transport.abort()  # TLS may not be up: nothing to close gracefully
+            else:
+                await close_and_wait(writer)
+
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> tuple[NodeId, StreamType] | None:
+        """TLS, then the client's key proof, within `handshake_timeout_s`: the client's node id
+        and purpose, or None (the reason logged once) when it failed or was refused."""
+        assert self._context is not None
+        timeout_s = self._handshake_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await writer.start_tls(self._context, ssl_handshake_timeout=timeout_s)
+                set_no_delay(writer)
+                return await self._authenticate(reader, writer, peer)
+        except TimeoutError:
+            reason = f"handshake not done within {timeout_s:g} s"
+        except (OSError, asyncio.IncompleteReadError) as exc:  # ssl.SSLError is an OSError
+            reason = f"handshake failed: {exc!r}"
+        self._failures.log(
+            logging.INFO,
+            "fast lane: connection from %s dropped: %s",
+            peer,
+            reason,
+            event="fast_lane_failed",
+            reason=reason,
+        )
+        return None
 
     async def _authenticate(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
     ) -> tuple[NodeId, StreamType] | None:
         """The client's node id and purpose, or None after refusing it (status sent)."""
         nonce = os.urandom(NONCE_BYTES)
         writer.write(MAGIC + bytes([VERSION]) + nonce)
-        async with asyncio.timeout(self._auth_timeout_s):
-            proof = await reader.readexactly(1 + KEY_BYTES + SIGNATURE_BYTES + 1)
+        proof = await reader.readexactly(1 + KEY_BYTES + SIGNATURE_BYTES + 1)
         version, purpose = proof[0], proof[-1]
         client = NodeId(proof[1 : 1 + KEY_BYTES].hex())
         signature = proof[1 + KEY_BYTES : -1]
@@ -258,11 +328,14 @@ class FastLaneServer:
         writer.write(bytes([refusal or ACCEPTED]))
         await writer.drain()
         if refusal is not None:
-            log.warning(
+            self._failures.log(
+                logging.WARNING,
                 "fast lane: refused %s from %s (%s)",
                 short_id(client),
-                _peer_addr(writer),
+                peer,
                 refusal.name,
+                event="fast_lane_refused",
+                reason=refusal.name,
             )
             return None
         return client, StreamType(purpose)

@@ -1,13 +1,15 @@
-"""The asyncio shell around the mesh core: QUIC links, admission, joining, passive clients.
+"""The asyncio shell around the mesh core: the node's QUIC endpoint, gossip and joining.
 
 `PeerManager` owns the node's `QuicEndpoint` and drives the sans-I/O `MeshCore`: after every
 input (a message, a link up or down, a timer) it drains the core's events and commands, writes
 its outbox to the links' control streams, and re-arms one timer at `next_deadline()`. It dials
-the peers the core asks for, retries invite tokens with backoff (1 s → 30 s) whenever the node
-has no live peer, resolves duplicate connections between the same pair (the one dialed by the
-lower node id wins), and answers `ROUTES` streams from admitted passive clients without keeping
-membership state for them. In client mode it is passive itself: it connects to a token's node,
-pulls the routing table on connect, every `route_refresh_s`, and on every change notice.
+the peers the core asks for and retries invite tokens with backoff (1 s → 30 s) whenever the
+node has no live peer. Its parts, each a concern of its own: `net/links.py` (the admitted links,
+dialing, duplicate arbitration), `net/incoming.py` (admission of incoming connections, the
+passive clients served, `ROUTES` answers) and, in client mode, `net/route_puller.py` (the
+routing table pulled from the mesh, hosts dialled on demand). `RPC` and `HTTP` streams of
+admitted peers go to `inbound` (the node's `StreamHandlers`). Every task — the endpoint's
+stream handlers, timers, joins, dials, the route puller — belongs to the TaskGroup of `run()`.
 """
 
 from __future__ import annotations
@@ -16,75 +18,35 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any, assert_never
 
 from mesh_llm.config import NetConfig
 from mesh_llm.core.events import (
     ClosePeer,
     DialPeer,
-    DuplicateNodeDetected,
     MeshEvent,
-    PeerJoined,
-    PeerLeft,
-    PeerLost,
-    PeerRecovered,
-    PeerSuspected,
-    RecordChanged,
 )
 from mesh_llm.core.mesh import MeshCore
 from mesh_llm.core.types import NodeId, short_id
-from mesh_llm.errors import MeshError, PeerUnavailable, ProtocolError
+from mesh_llm.errors import MeshError, PeerUnavailable, ProtocolError, StreamReset
 from mesh_llm.identity import MeshSecret, NodeIdentity
-from mesh_llm.net.admission import (
-    AdmissionRefused,
-    FramedChannel,
-    admit_inbound,
-    admit_outbound,
-)
-from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream, StreamReset
-from mesh_llm.net.tunnel import serve_rpc_stream
-from mesh_llm.token import InviteToken, parse_addr
-from mesh_llm.wire.codec import DecodeError
-from mesh_llm.wire.messages import (
-    Digest,
-    NodeRecord,
-    RefuseCode,
-    RouteReply,
-    RouteRequest,
-    StreamType,
-)
+from mesh_llm.net.hello import FramedChannel
+from mesh_llm.net.incoming import Incoming
+from mesh_llm.net.links import Link, Links, dial_link
+from mesh_llm.net.peer_report import log_mesh_event, member_row, route_row
+from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
+from mesh_llm.net.route_puller import RoutePuller, RouteTable
+from mesh_llm.net.streams import ByteStream, QuicByteStream
+from mesh_llm.token import InviteToken
+from mesh_llm.wire.messages import Message, NodeRecord, RefuseCode, StreamType
+
+__all__ = ["Inbound", "PeerManager", "RouteTable"]
 
 log = logging.getLogger(__name__)
 
-HttpHandler = Callable[[QuicStream, str], Awaitable[None]]
-
-
-@dataclass(slots=True)
-class _Link:
-    node_id: NodeId
-    connection: QuicPeerConnection
-    channel: FramedChannel
-    dialer: NodeId  # who opened the connection: decides which of two duplicate links survives
-
-
-@dataclass(slots=True)
-class RouteTable:
-    """What a passive client knows of the mesh: the serving nodes' records."""
-
-    records: tuple[NodeRecord, ...] = ()
-    source: NodeId | None = None
-    updated_at: float = 0.0
-
-
-@dataclass(slots=True)
-class _Listeners:
-    on_change: list[Callable[[], None]] = field(default_factory=list)
-
-    def notify(self) -> None:
-        for callback in self.on_change:
-            callback()
+# Streams for the layers above (RPC, HTTP) of an admitted peer: `StreamHandlers.accept`.
+Inbound = Callable[[NodeId, StreamType, ByteStream], Awaitable[None]]
 
 
 class PeerManager:
@@ -99,6 +61,8 @@ class PeerManager:
         tokens: tuple[InviteToken, ...] = (),
         timings: NetConfig | None = None,
         rng: random.Random | None = None,
+        inbound: Inbound | None = None,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._identity = identity
         self._mesh = mesh
@@ -107,19 +71,18 @@ class PeerManager:
         self._timings = timings or NetConfig()
         self._rng = rng or random.Random()
         self._endpoint: QuicEndpoint | None = None
-        self._links: dict[NodeId, _Link] = {}
-        self._clients: set[FramedChannel] = set()
+        self._links = Links(identity.node_id, self._link_up, self._link_down)
+        self._incoming = Incoming(identity, mesh, self._timings, self.records)
         self._dialing: set[NodeId] = set()
         self._group: asyncio.TaskGroup | None = None
         self._wake = asyncio.Event()
-        self._no_links = asyncio.Event()
-        self._no_links.set()
         self._stopping = False
-        self.routes = RouteTable()
-        self.listeners = _Listeners()
-        self.rpc_port: Callable[[], int | None] = lambda: None  # set when this node is a worker
-        self.http_handler: HttpHandler | None = None  # answers API requests from other nodes
-        self._on_demand: dict[NodeId, asyncio.Task[_Link]] = {}  # client mode: links to hosts
+        self._on_change = on_change  # the mesh (or the routing table) changed
+        self._inbound = inbound
+        # Client mode: the routing table and the hosts dialled on demand.
+        self._puller = (
+            RoutePuller(self._dial_as_client, self._timings, on_change) if core is None else None
+        )
 
     @property
     def is_client(self) -> bool:
@@ -130,10 +93,15 @@ class PeerManager:
         assert self._endpoint is not None
         return self._endpoint.port
 
+    @property
+    def routes(self) -> RouteTable:
+        """What a passive client knows of the mesh (empty for a member)."""
+        return self._puller.routes if self._puller is not None else RouteTable()
+
     async def bind(self, host: str, port: int) -> int:
         """Bind the UDP socket (before the invite token is printed); returns the port."""
         self._endpoint = await QuicEndpoint.bind(
-            self._identity, host, port, self._on_stream, lambda _conn: None
+            self._identity, host, port, self._on_stream, lambda _conn: None, self._timings
         )
         return self._endpoint.port
 
@@ -143,8 +111,11 @@ class PeerManager:
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
+                group.create_task(self._endpoint.run())
                 if self._core is not None:
                     group.create_task(self._drive_timers())
+                if self._puller is not None:
+                    group.create_task(self._puller.run())
                 for token in self._tokens:
                     group.create_task(self._join_loop(token))
         finally:
@@ -158,18 +129,18 @@ class PeerManager:
         if self._core is not None:
             self._core.leave(loop.time())
             self._flush_outbox()
-        for link in list(self._links.values()):
+        for link in self._links:
             with contextlib.suppress(StreamReset):
                 link.channel.stream.write_eof()
         await asyncio.sleep(0)  # let aioquic transmit the leaving frames
-        for link in list(self._links.values()):
+        for link in self._links:
             link.connection.close_with(RefuseCode.SHUTTING_DOWN, "node leaving")
 
     def update_self(self, **changes: Any) -> None:
         if self._core is not None:
             self._core.update_self(asyncio.get_running_loop().time(), **changes)
             self._pump()
-            self._notify_clients()
+            self._incoming.notify_clients()
 
     def is_admitted(self, node_id: NodeId) -> bool:
         """A mesh member gossip knows, or a node/client admitted on a live QUIC connection
@@ -177,6 +148,10 @@ class PeerManager:
         if self._core is not None and node_id in self._core.records():
             return True
         return self._endpoint is not None and node_id in self._endpoint.admitted_ids()
+
+    def is_linked(self, node_id: NodeId) -> bool:
+        """An admitted link to `node_id` exists (a member's gossip link, a client's token node)."""
+        return node_id in self._links
 
     def connection_of(self, node_id: NodeId) -> QuicPeerConnection | None:
         link = self._links.get(node_id)
@@ -191,20 +166,14 @@ class PeerManager:
         link = self._links.get(peer)
         if link is not None and not link.connection.is_closed:
             return link.connection
-        if not self.is_client:
+        if self._puller is None:
             raise PeerUnavailable(f"no link to {short_id(peer)}")
-        task = self._on_demand.get(peer)
-        if task is None or (task.done() and _dead_link(task)):
-            record = next((r for r in self.routes.records if r.node_id == node_id), None)
-            if record is None:
-                raise PeerUnavailable(f"{short_id(peer)} is not in the routing table")
-            task = asyncio.get_running_loop().create_task(self._dial_on_demand(record))
-            self._on_demand[peer] = task
-        try:
-            return (await asyncio.shield(task)).connection
-        except MeshError:
-            self._on_demand.pop(peer, None)
-            raise
+        return await self._puller.connection_for(peer)
+
+    def record_of(self, node_id: NodeId) -> NodeRecord | None:
+        """`node_id`'s record: from gossip for a member, from the routing table for a client."""
+        records = self.records() or self.routes.records
+        return next((r for r in records if r.node_id == node_id), None)
 
     def report_failure(self, node_id: str, reason: str) -> None:
         """On-use detection: an API request to `node_id` failed before its answer."""
@@ -212,32 +181,8 @@ class PeerManager:
         if self._core is not None:
             self._core.report_failure(node_id, asyncio.get_running_loop().time())
             self._pump()
-            return
-        task = self._on_demand.pop(NodeId(node_id), None)
-        if task is not None and task.done() and not task.cancelled() and not task.exception():
-            task.result().connection.close_with(RefuseCode.SHUTTING_DOWN, "request failed")
-        source = self._links.get(self.routes.source) if self.routes.source else None
-        if source is not None and self._group is not None:
-            self._group.create_task(self._refresh_routes(source))
-
-    async def _dial_on_demand(self, record: NodeRecord) -> _Link:
-        link = await self._dial(record.addrs, NodeId(record.node_id))
-        if self._group is not None:
-            self._group.create_task(self._hold_on_demand(link))
-        return link
-
-    async def _hold_on_demand(self, link: _Link) -> None:
-        """Read the on-demand link's control stream (change notices) until it closes."""
-        try:
-            while await link.channel.receive() is not None:
-                pass
-        except (DecodeError, StreamReset):
-            pass
-        finally:
-            task = self._on_demand.get(link.node_id)
-            if task is not None and task.done() and _dead_link(task):
-                self._on_demand.pop(link.node_id, None)
-            link.connection.close_with(RefuseCode.SHUTTING_DOWN, "on-demand link ended")
+        elif self._puller is not None:
+            self._puller.report_failure(NodeId(node_id))
 
     def records(self) -> list[NodeRecord]:
         """Every live record this node knows, its own included (empty for a client)."""
@@ -247,37 +192,16 @@ class PeerManager:
 
     def snapshot(self) -> dict[str, Any]:
         """Plain data for /api/status and `mesh-llm status`."""
-        peers = []
         if self._core is not None:
-            for node_id, record in self._core.records().items():
-                if node_id == self._identity.node_id:
-                    continue
-                link = self._links.get(NodeId(node_id))
-                peers.append(
-                    {
-                        "node_id": node_id,
-                        "short_id": short_id(NodeId(node_id)),
-                        "state": self._core.peer_state(node_id) or "known",
-                        "linked": link is not None,
-                        "address": _format_addr(link.connection.remote_addr) if link else None,
-                        "rtt_ms": self._core.rtt_ms(node_id),
-                        "record": _record_dict(record),
-                    }
-                )
+            core, own = self._core, self._identity.node_id
+            rows = [
+                member_row(core, NodeId(node_id), record, self.connection_of(NodeId(node_id)))
+                for node_id, record in core.records().items()
+                if node_id != own
+            ]
         else:
-            for record in self.routes.records:
-                peers.append(
-                    {
-                        "node_id": record.node_id,
-                        "short_id": short_id(NodeId(record.node_id)),
-                        "state": "route",
-                        "linked": record.node_id in self._links,
-                        "address": None,
-                        "rtt_ms": None,
-                        "record": _record_dict(record),
-                    }
-                )
-        return {"peers": peers, "clients": len(self._clients), "port": self.port}
+            rows = [route_row(r, r.node_id in self._links) for r in self.routes.records]
+        return {"peers": rows, "clients": self._incoming.client_count, "port": self.port}
 
     # -- the core driver -----------------------------------------------------------------
 
@@ -313,14 +237,8 @@ class PeerManager:
             changed = self._on_event(event) or changed
         self._flush_outbox()
         if changed:
-            self._notify_clients()
-            self.listeners.notify()
-
-    def _notify_clients(self) -> None:
-        """A change notice to passive clients: they pull the routing table again."""
-        for channel in list(self._clients):
-            with contextlib.suppress(StreamReset):
-                channel.send(Digest())
+            self._incoming.notify_clients()
+            self._on_change()
 
     def _flush_outbox(self) -> None:
         assert self._core is not None
@@ -334,112 +252,42 @@ class PeerManager:
                 continue
 
     def _on_event(self, event: MeshEvent | DialPeer | ClosePeer) -> bool:
+        """Carry out a command of the core, or log an event; whether the mesh changed."""
         match event:
             case DialPeer(node_id=node_id, addrs=addrs):
                 self._start_dial(NodeId(node_id), tuple(addrs))
                 return False
             case ClosePeer(node_id=node_id, reason=reason):
-                link = self._links.pop(NodeId(node_id), None)
-                if link is not None:
-                    link.connection.close_with(RefuseCode.TIMEOUT, reason)
-                self._update_no_links()
+                self._links.close(NodeId(node_id), RefuseCode.TIMEOUT, reason)
                 return True
-            case PeerJoined(node_id=node_id):
-                log.info(
-                    "peer %s joined",
-                    short_id(NodeId(node_id)),
-                    extra={"event": "peer_joined", "peer": node_id},
-                )
-            case PeerSuspected(node_id=node_id):
-                log.warning(
-                    "peer %s is suspect (silent)",
-                    short_id(NodeId(node_id)),
-                    extra={"event": "peer_suspect", "peer": node_id},
-                )
-            case PeerRecovered(node_id=node_id):
-                log.info(
-                    "peer %s is alive again",
-                    short_id(NodeId(node_id)),
-                    extra={"event": "peer_recovered", "peer": node_id},
-                )
-            case PeerLost(node_id=node_id, reason=reason):
-                log.warning(
-                    "peer %s is dead: %s",
-                    short_id(NodeId(node_id)),
-                    reason,
-                    extra={"event": "peer_dead", "peer": node_id},
-                )
-            case PeerLeft(node_id=node_id):
-                log.info(
-                    "peer %s left",
-                    short_id(NodeId(node_id)),
-                    extra={"event": "peer_left", "peer": node_id},
-                )
-            case RecordChanged(node_id=node_id):
-                log.debug("record of %s changed", short_id(NodeId(node_id)))
-            case DuplicateNodeDetected(node_id=node_id, detail=detail):
-                log.error(
-                    "another process uses this node's key (%s): %s — give each node its own "
-                    "~/.mesh-llm or MESH_LLM_EPHEMERAL_KEY=1",
-                    short_id(NodeId(node_id)),
-                    detail,
-                    extra={"event": "duplicate_node"},
-                )
             case _:
-                assert_never(event)
-        return True
+                log_mesh_event(event)
+                return True
 
     # -- links -----------------------------------------------------------------------------
 
-    def _register(self, link: _Link) -> bool:
-        """Adopt a new admitted link unless a better one to the same peer exists."""
-        current = self._links.get(link.node_id)
-        if current is not None and not current.connection.is_closed:
-            keep_dialer = min(self._identity.node_id, link.node_id)
-            if current.dialer == keep_dialer or link.dialer != keep_dialer:
-                link.connection.close_with(RefuseCode.DUPLICATE_NODE, "duplicate connection")
-                return False
-            current.connection.close_with(RefuseCode.DUPLICATE_NODE, "duplicate connection")
-        self._links[link.node_id] = link
-        self._no_links.clear()
+    def _link_up(self, link: Link) -> None:
         if self._core is not None:
             self._core.link_up(link.node_id, asyncio.get_running_loop().time())
             self._pump()
-        return True
 
-    async def _serve_link(self, link: _Link) -> None:
-        """Read the control stream of an admitted peer until it ends."""
-        reason = "control stream ended"
-        try:
-            while (message := await link.channel.receive()) is not None:
-                if self._core is not None:
-                    self._core.receive(link.node_id, message, asyncio.get_running_loop().time())
-                    self._pump()
-                elif self.is_client:
-                    await self._refresh_routes(link)
-        except DecodeError as exc:
-            reason = f"protocol error: {exc}"
-            log.warning(
-                "peer %s sent garbage on its control stream: %s", short_id(link.node_id), exc
-            )
-            link.connection.close_with(RefuseCode.PROTOCOL_ERROR, str(exc)[:100])
-        except StreamReset as exc:
-            reason = str(exc)
-        finally:
-            self._drop(link, reason)
-
-    def _drop(self, link: _Link, reason: str) -> None:
-        if self._links.get(link.node_id) is not link:
-            return  # a duplicate that lost, or already dropped
-        del self._links[link.node_id]
-        self._update_no_links()
+    def _link_down(self, link: Link, reason: str) -> None:
         if self._core is not None and not self._stopping:
             self._core.link_down(link.node_id, asyncio.get_running_loop().time(), reason)
             self._pump()
 
-    def _update_no_links(self) -> None:
-        if not self._links:
-            self._no_links.set()
+    async def _on_message(self, link: Link, message: Message) -> None:
+        """A message on a link's control stream: gossip for the core, or (client mode) a
+        change notice: pull the routing table again."""
+        if self._core is not None:
+            self._core.receive(link.node_id, message, asyncio.get_running_loop().time())
+            self._pump()
+        elif self._puller is not None:
+            await self._puller.refresh(link)
+
+    async def _serve_link(self, link: Link) -> None:
+        if self._links.register(link):
+            await self._links.read(link, self._on_message)
 
     # -- inbound ---------------------------------------------------------------------------
 
@@ -450,18 +298,17 @@ class PeerManager:
             case StreamType.CONTROL:
                 await self._accept_control(connection, FramedChannel(stream))
             case StreamType.ROUTES:
-                await self._answer_routes(connection, FramedChannel(stream))
-            case StreamType.RPC:
-                if not connection.admitted or self._core is None:
-                    stream.reset(RefuseCode.PROTOCOL_ERROR)
-                    return
-                await serve_rpc_stream(stream, self.rpc_port())
-            case StreamType.HTTP:
+                await self._incoming.answer_routes(connection, FramedChannel(stream))
+            case StreamType.RPC | StreamType.HTTP:
                 peer = connection.admitted_id
-                if not connection.admitted or self.http_handler is None or peer is None:
+                members_only = kind is StreamType.RPC and self._core is None
+                if not connection.admitted or peer is None or members_only:
                     stream.reset(RefuseCode.PROTOCOL_ERROR)
                     return
-                await self.http_handler(stream, peer)
+                if self._inbound is None:
+                    stream.reset(RefuseCode.UNKNOWN_STREAM)
+                    return
+                await self._inbound(peer, kind, QuicByteStream(stream))
             case _:
                 assert_never(kind)
 
@@ -469,55 +316,13 @@ class PeerManager:
         if self._stopping:
             connection.close_with(RefuseCode.SHUTTING_DOWN, "node leaving")
             return
-        try:
-            async with asyncio.timeout(self._timings.hello_timeout_s):
-                admitted = await admit_inbound(channel, self._identity, self._mesh)
-        except (AdmissionRefused, TimeoutError) as exc:
-            code = exc.code if isinstance(exc, AdmissionRefused) else RefuseCode.TIMEOUT
-            log.warning(
-                "refused %s: %s",
-                _format_addr(connection.remote_addr),
-                exc or "hello timeout",
-                extra={"event": "peer_refused"},
-            )
-            await asyncio.sleep(0)  # let the Refused frame leave before the close
-            connection.close_with(code, str(exc)[:100])
+        admitted = await self._incoming.admit(connection, channel)
+        if admitted is None:
             return
-        connection.admitted = True  # ROUTES streams are answered only on admitted connections
-        connection.admitted_id = admitted.node_id
         if admitted.client or self._core is None:
-            await self._serve_client(channel)
+            await self._incoming.serve_client(channel)
             return
-        link = _Link(admitted.node_id, connection, channel, dialer=admitted.node_id)
-        if self._register(link):
-            await self._serve_link(link)
-
-    async def _serve_client(self, channel: FramedChannel) -> None:
-        """A passive client: remember only its channel, for change notices."""
-        self._clients.add(channel)
-        try:
-            while await channel.receive() is not None:
-                pass
-        except (DecodeError, StreamReset):
-            pass
-        finally:
-            self._clients.discard(channel)
-
-    async def _answer_routes(self, connection: QuicPeerConnection, channel: FramedChannel) -> None:
-        if not connection.admitted:
-            channel.stream.reset(RefuseCode.PROTOCOL_ERROR)
-            return
-        try:
-            message = await channel.receive()
-        except DecodeError:
-            channel.stream.reset(RefuseCode.PROTOCOL_ERROR)
-            return
-        if not isinstance(message, RouteRequest):
-            channel.stream.reset(RefuseCode.PROTOCOL_ERROR)
-            return
-        records = tuple(self._core.records().values()) if self._core is not None else ()
-        channel.send(RouteReply(tuple(r for r in records if r.role != "client")))
-        channel.stream.write_eof()
+        await self._serve_link(Link(admitted.node_id, connection, channel, admitted.node_id))
 
     # -- outbound --------------------------------------------------------------------------
 
@@ -527,141 +332,63 @@ class PeerManager:
         self._dialing.add(node_id)
         self._group.create_task(self._dial_and_serve(addrs, node_id))
 
-    async def _dial_and_serve(self, addrs: tuple[str, ...], expected: NodeId | None) -> None:
+    async def _dial_and_serve(self, addrs: tuple[str, ...], expected: NodeId) -> None:
         try:
             link = await self._dial(addrs, expected)
         except MeshError as exc:
-            log.info("could not connect to %s: %s", short_id(expected) if expected else addrs, exc)
+            log.info("could not connect to %s: %s", short_id(expected), exc)
             return
         finally:
-            if expected is not None:
-                self._dialing.discard(expected)
-        if self._register(link):
-            await self._serve_link(link)
+            self._dialing.discard(expected)
+        await self._serve_link(link)
 
-    async def _dial(self, addrs: tuple[str, ...], expected: NodeId | None) -> _Link:
-        """Try each address in turn; returns an admitted link. Raises `MeshError`."""
+    async def _dial(self, addrs: tuple[str, ...], expected: NodeId | None) -> Link:
+        """An admitted link to the first of `addrs` that answers. Raises `MeshError`."""
         assert self._endpoint is not None
-        errors: list[str] = []
-        for addr in addrs:
-            host, port = parse_addr(addr)
-            try:
-                connection = await self._endpoint.dial(
-                    host, port, expected, self._timings.dial_timeout_s
-                )
-            except PeerUnavailable as exc:
-                errors.append(str(exc))
-                continue
-            channel = FramedChannel(await connection.open_stream(StreamType.CONTROL))
-            try:
-                async with asyncio.timeout(self._timings.hello_timeout_s):
-                    peer = await admit_outbound(
-                        channel,
-                        self._identity,
-                        self._mesh,
-                        expected=expected,
-                        client=self.is_client,
-                    )
-            except (AdmissionRefused, TimeoutError, StreamReset) as exc:
-                connection.close_with(RefuseCode.PROTOCOL_ERROR, "admission failed")
-                if isinstance(exc, AdmissionRefused):
-                    raise  # a refusal is final for this attempt: wrong secret or key
-                errors.append(f"{addr}: no hello answer ({exc!r})")
-                continue
-            connection.admitted = True
-            connection.admitted_id = peer
-            return _Link(peer, connection, channel, dialer=self._identity.node_id)
-        raise PeerUnavailable("; ".join(errors) or "no address to dial")
+        return await dial_link(
+            self._endpoint,
+            self._identity,
+            self._mesh,
+            self._timings,
+            addrs,
+            expected,
+            client=self.is_client,
+        )
+
+    async def _dial_as_client(self, addrs: tuple[str, ...], expected: NodeId) -> Link:
+        return await self._dial(addrs, expected)
 
     async def _join_loop(self, token: InviteToken) -> None:
         """Keep trying the token's node whenever this node has no live peer (rejoin)."""
         backoff = self._timings.join_backoff_initial_s
+        peer = NodeId(token.node_id)
         while True:
-            await self._no_links.wait()
+            await self._links.no_links.wait()
             try:
-                link = await self._dial(token.addrs, NodeId(token.node_id))
+                link = await self._dial(token.addrs, peer)
             except ProtocolError as exc:
                 log.error(
                     "join refused by %s: %s",
-                    short_id(NodeId(token.node_id)),
+                    short_id(peer),
                     exc,
                     extra={"event": "join_refused"},
                 )
             except MeshError as exc:
                 log.info(
-                    "join: %s unreachable (%s); retrying in %.0f s",
-                    short_id(NodeId(token.node_id)),
-                    exc,
-                    backoff,
+                    "join: %s unreachable (%s); retrying in %.0f s", short_id(peer), exc, backoff
                 )
             else:
                 backoff = self._timings.join_backoff_initial_s
-                if self._register(link):
-                    log.info(
-                        "joined the mesh through %s",
-                        short_id(link.node_id),
-                        extra={"event": "joined"},
-                    )
-                    if self.is_client:
-                        await self._refresh_routes(link)
-                        assert self._group is not None
-                        self._group.create_task(self._refresh_routes_periodically(link))
-                    await self._serve_link(link)
+                await self._joined(link)
                 continue
             await asyncio.sleep(backoff * (0.5 + self._rng.random()))
             backoff = min(backoff * 2, self._timings.join_backoff_max_s)
 
-    # -- passive client --------------------------------------------------------------------
-
-    async def _refresh_routes_periodically(self, link: _Link) -> None:
-        while not link.connection.is_closed:
-            await asyncio.sleep(self._timings.route_refresh_s)
-            await self._refresh_routes(link)
-
-    async def _refresh_routes(self, link: _Link) -> None:
-        try:
-            async with asyncio.timeout(self._timings.route_request_timeout_s):
-                channel = FramedChannel(await link.connection.open_stream(StreamType.ROUTES))
-                channel.send(RouteRequest())
-                reply = await channel.receive()
-        except (TimeoutError, StreamReset, DecodeError) as exc:
-            log.info("route refresh from %s failed: %r", short_id(link.node_id), exc)
+    async def _joined(self, link: Link) -> None:
+        """Serve the link made through a token until it ends (a client pulls routes on it)."""
+        if not self._links.register(link):
             return
-        if isinstance(reply, RouteReply):
-            self.routes = RouteTable(reply.records, link.node_id, asyncio.get_running_loop().time())
-            self.listeners.notify()
-
-
-def _dead_link(task: asyncio.Task[_Link]) -> bool:
-    """A finished on-demand dial whose link is unusable (failed, or closed since)."""
-    if task.cancelled() or task.exception() is not None:
-        return True
-    return task.result().connection.is_closed
-
-
-def _format_addr(addr: Any) -> str | None:
-    if not addr:
-        return None
-    return f"{addr[0]}:{addr[1]}"
-
-
-def _record_dict(record: NodeRecord) -> Mapping[str, Any]:
-    return {
-        "name": record.name,
-        "version": record.version,
-        "addrs": list(record.addrs),
-        "role": record.role,
-        "vram_bytes": record.vram_bytes,
-        "backend": record.backend,
-        "build_id": record.build_id,
-        "rpc_protocol": record.rpc_protocol,
-        "models_on_disk": dict(record.models_on_disk),
-        "requested_models": list(record.requested_models),
-        "serving": {
-            m: {"role": s.role, "ready": s.ready, "host": s.host} for m, s in record.serving.items()
-        },
-        "api_port": record.api_port,
-        "fast_lane_port": record.fast_lane_port,
-        "software_version": record.software_version,
-        "demand": dict(record.demand),
-    }
+        log.info("joined the mesh through %s", short_id(link.node_id), extra={"event": "joined"})
+        if self._puller is not None:
+            await self._puller.joined(link)
+        await self._links.read(link, self._on_message)

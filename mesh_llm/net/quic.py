@@ -6,7 +6,8 @@ the source port of every outgoing connection. TLS 1.3 uses a self-signed certifi
 the node key; the dialer pins the node id it expects and checks the peer certificate's key when
 the handshake completes (aioquic has no verification callback). Streams are exposed as
 `QuicStream` objects with bounded receive buffers (aioquic gives no backpressure), readers that
-wake on reset or connection close, and cleanup of per-stream state. The first byte of every
+wake on reset or connection close, and cleanup of per-stream state. The handler of each stream a
+peer opens is a task of the endpoint's TaskGroup (`run()`). The first byte of every
 bidirectional stream is its `StreamType`. Raises `PeerUnavailable` for dial failures and
 `ProtocolError(KEY_MISMATCH)` for a peer with the wrong key.
 """
@@ -31,22 +32,18 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from mesh_llm.config import NetConfig
 from mesh_llm.core.types import NodeId, short_id
-from mesh_llm.errors import PeerUnavailable, ProtocolError
+from mesh_llm.errors import PeerUnavailable, ProtocolError, StreamReset
 from mesh_llm.identity import NodeIdentity, make_self_signed_certificate, node_id_from_certificate
 from mesh_llm.wire.messages import ALPN, RefuseCode, StreamType
 
 log = logging.getLogger(__name__)
 
-IDLE_TIMEOUT_S = 15.0
 MAX_STREAM_BUFFER_BYTES = 4 * 1024 * 1024
-STREAM_TYPE_TIMEOUT_S = 5.0
 
 StreamHandler = Callable[["QuicPeerConnection", StreamType, "QuicStream"], Awaitable[None]]
-
-
-class StreamReset(ConnectionError):
-    """The peer reset the stream, or the connection closed under it."""
+StreamOpened = Callable[["QuicPeerConnection", "QuicStream"], None]
 
 
 class QuicStream:
@@ -136,6 +133,15 @@ class QuicStream:
                 raise StreamReset("stream closed while writing")
             await asyncio.sleep(poll_s)
 
+    def is_usable(self) -> bool:
+        """Neither direction ended nor failed, the connection alive: more may be exchanged."""
+        return (
+            self._error is None
+            and not self._eof
+            and not self._write_closed
+            and not self._connection.is_closed
+        )
+
     def reset(self, code: int) -> None:
         """Abort both directions with an application error code."""
         self._write_closed = True
@@ -145,11 +151,10 @@ class QuicStream:
 class QuicPeerConnection(QuicConnectionProtocol):
     """One QUIC connection to a peer, with our own stream handling (no aioquic readers)."""
 
-    def __init__(self, quic: QuicConnection, stream_handler: StreamHandler | None = None) -> None:
+    def __init__(self, quic: QuicConnection, on_stream: StreamOpened | None = None) -> None:
         super().__init__(quic)
         self._streams: dict[int, QuicStream] = {}
-        self._on_stream = stream_handler
-        self._pending_types: set[asyncio.Task[None]] = set()
+        self._on_stream_opened = on_stream  # the endpoint serves streams the peer opens
         self.close_reason = ""
         self.remote_addr: NetworkAddress | None = None
         self.admitted = False  # set once the hello on its control stream succeeded
@@ -237,31 +242,10 @@ class QuicPeerConnection(QuicConnectionProtocol):
             self._streams.clear()
 
     def _accept(self, stream: QuicStream) -> None:
-        task = asyncio.get_running_loop().create_task(self._dispatch(stream))
-        self._pending_types.add(task)  # owned here until done; cancelled on close
-        task.add_done_callback(self._pending_types.discard)
-
-    async def _dispatch(self, stream: QuicStream) -> None:
-        try:
-            async with asyncio.timeout(STREAM_TYPE_TIMEOUT_S):
-                first = await stream.read_exactly(1)
-            stream_type = StreamType(first[0])
-        except (StreamReset, TimeoutError):
-            return
-        except ValueError:
-            log.warning("unknown stream type %d from %s: reset", first[0], self.remote_addr)
+        if self._on_stream_opened is None:
             stream.reset(RefuseCode.UNKNOWN_STREAM)
             return
-        if self._on_stream is None:
-            stream.reset(RefuseCode.UNKNOWN_STREAM)
-            return
-        try:
-            await self._on_stream(self, stream_type, stream)
-        except StreamReset:
-            pass
-        except Exception:
-            log.exception("stream handler failed (%s stream)", stream_type.name)
-            stream.reset(RefuseCode.PROTOCOL_ERROR)
+        self._on_stream_opened(self, stream)
 
 
 def _is_initial(data: bytes, header_type: QuicPacketType) -> bool:
@@ -271,12 +255,17 @@ def _is_initial(data: bytes, header_type: QuicPacketType) -> bool:
 class QuicEndpoint(asyncio.DatagramProtocol):
     """One UDP socket that accepts connections and dials out."""
 
-    def __init__(self, identity: NodeIdentity, stream_handler: StreamHandler) -> None:
+    def __init__(
+        self, identity: NodeIdentity, stream_handler: StreamHandler, timings: NetConfig
+    ) -> None:
         self._identity = identity
         self._on_stream = stream_handler
+        self._timings = timings
         self._connections: dict[bytes, QuicPeerConnection] = {}
         self._transport: asyncio.DatagramTransport | None = None
         self._accept_handler: Callable[[QuicPeerConnection], None] | None = None
+        self._group: asyncio.TaskGroup | None = None  # one task per stream a peer opens
+        self._pending: list[tuple[QuicPeerConnection, QuicStream]] = []
         certificate_pem, key_pem = make_self_signed_certificate(identity)
         self._certificate = x509.load_pem_x509_certificate(certificate_pem)
         self._private_key = serialization.load_pem_private_key(key_pem, password=None)
@@ -289,6 +278,46 @@ class QuicEndpoint(asyncio.DatagramProtocol):
             if c.admitted_id is not None and not c.is_closed
         }
 
+    async def run(self) -> None:
+        """Serve the streams peers open until cancelled (then those handlers are cancelled)."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                for connection, stream in self._pending:
+                    group.create_task(self._dispatch(connection, stream))
+                self._pending.clear()
+                await asyncio.Event().wait()  # until cancelled
+        finally:
+            self._group = None
+
+    def _stream_opened(self, connection: QuicPeerConnection, stream: QuicStream) -> None:
+        if self._group is None:
+            self._pending.append((connection, stream))  # run() serves it when it starts
+            return
+        try:
+            self._group.create_task(self._dispatch(connection, stream))
+        except RuntimeError:  # the group is ending: so is this endpoint
+            stream.reset(RefuseCode.SHUTTING_DOWN)
+
+    async def _dispatch(self, connection: QuicPeerConnection, stream: QuicStream) -> None:
+        try:
+            async with asyncio.timeout(self._timings.stream_type_timeout_s):
+                first = await stream.read_exactly(1)
+            stream_type = StreamType(first[0])
+        except (StreamReset, TimeoutError):
+            return
+        except ValueError:
+            log.warning("unknown stream type %d from %s: reset", first[0], connection.remote_addr)
+            stream.reset(RefuseCode.UNKNOWN_STREAM)
+            return
+        try:
+            await self._on_stream(connection, stream_type, stream)
+        except StreamReset:
+            pass
+        except Exception:  # a handler's bug must not end the endpoint: log it, reset the stream
+            log.exception("stream handler failed (%s stream)", stream_type.name)
+            stream.reset(RefuseCode.PROTOCOL_ERROR)
+
     @classmethod
     async def bind(
         cls,
@@ -297,7 +326,9 @@ class QuicEndpoint(asyncio.DatagramProtocol):
         port: int,
         stream_handler: StreamHandler,
         on_accept: Callable[[QuicPeerConnection], None],
+        timings: NetConfig | None = None,
     ) -> QuicEndpoint:
+        """Bind the UDP socket; `timings`: the idle and stream-type timeouts (defaults)."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
@@ -308,7 +339,7 @@ class QuicEndpoint(asyncio.DatagramProtocol):
                 f"cannot bind UDP {host}:{port} ({exc.strerror}); choose another --bind-port"
             ) from exc
         _, endpoint = await loop.create_datagram_endpoint(
-            lambda: cls(identity, stream_handler), sock=sock
+            lambda: cls(identity, stream_handler, timings or NetConfig()), sock=sock
         )
         endpoint._accept_handler = on_accept
         return endpoint
@@ -323,7 +354,7 @@ class QuicEndpoint(asyncio.DatagramProtocol):
         configuration = QuicConfiguration(
             is_client=is_client,
             alpn_protocols=[ALPN],
-            idle_timeout=IDLE_TIMEOUT_S,
+            idle_timeout=self._timings.quic_idle_timeout_s,
             verify_mode=ssl.CERT_NONE,  # the node id is pinned after the handshake instead
             max_datagram_frame_size=None,
         )
@@ -358,7 +389,7 @@ class QuicEndpoint(asyncio.DatagramProtocol):
     def _new_connection(
         self, quic: QuicConnection, extra_cids: tuple[bytes, ...] = ()
     ) -> QuicPeerConnection:
-        connection = QuicPeerConnection(quic, self._on_stream)
+        connection = QuicPeerConnection(quic, self._stream_opened)
         connection.connection_made(cast(asyncio.BaseTransport, self._transport))
         connection._connection_id_issued_handler = partial(self._cid_issued, connection)
         connection._connection_id_retired_handler = partial(self._cid_retired, connection)

@@ -18,8 +18,8 @@ from typing import Any, Final
 
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
 
-from mesh_llm.errors import ProtocolError
-from mesh_llm.wire.messages import MESSAGE_TYPES, Message, RefuseCode
+from mesh_llm.errors import DecodeError
+from mesh_llm.wire.messages import MESSAGE_TYPES, Message
 
 MAX_FRAME_BYTES: Final = 1 << 20
 """Largest payload of one frame, in bytes (the 4-byte length prefix not included)."""
@@ -30,13 +30,6 @@ MAX_ITEMS: Final = 10_000
 
 _LENGTH_BYTES: Final = 4
 _TAG_KEY: Final = "t"
-
-
-class DecodeError(ProtocolError):
-    """Bytes from a peer are not a valid message or frame; the stream should be closed."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code=RefuseCode.PROTOCOL_ERROR)
 
 
 # -- encoding ----------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import ClassVar
 
-PROTOCOL_VERSION = 1
+# 2: API requests use one framing on every lane (length-framed body chunks and an end marker,
+# also on QUIC streams, which are pooled): a version-1 host could not answer them.
+PROTOCOL_VERSION = 2
 ALPN = "mesh-llm/1"
 NONCE_BYTES = 32
 

@@ -48,13 +48,16 @@ from pathlib import Path
 from mesh_llm.backend.build import Binaries, ensure_binaries
 from mesh_llm.backend.llama import build_rpc_server_argv
 from mesh_llm.config import BackendConfig, load_config
+from mesh_llm.core.types import NodeId
 from mesh_llm.identity import NodeIdentity
 from mesh_llm.models.demo import install_demo_model
 from mesh_llm.models.gguf import read_gguf_info
 from mesh_llm.net.fastlane import FastLaneServer
 from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
-from mesh_llm.net.tunnel import RpcTunnelListener, rpc_lane_handler, serve_rpc_stream
-from mesh_llm.wire.messages import RefuseCode, StreamType
+from mesh_llm.net.streams import QuicByteStream, TcpByteStream
+from mesh_llm.net.transport import PeerTransport
+from mesh_llm.net.tunnel import RpcTunnelListener, rpc_worker_handler
+from mesh_llm.wire.messages import NodeRecord, RefuseCode, StreamType
 from tests.bench.bench_solo import stream_once
 from tests.e2e.harness import free_tcp_port, http_status
 
@@ -98,8 +101,9 @@ class Bench:
         self.binaries, self.model, self.tmp = binaries, model, tmp
         self.host = NodeIdentity.generate()
         self.children: list[subprocess.Popen[bytes]] = []
-        self.closers: list[QuicEndpoint | FastLaneServer | RpcTunnelListener] = []
+        self.endpoints: list[QuicEndpoint] = []
         self.pingers: list[asyncio.Task[None]] = []
+        self.runs: list[asyncio.Task[None]] = []  # the run() of endpoints, servers, listeners
 
     def rpc_server(self, name: str, threads: int | None = CORES) -> int:
         assert self.binaries.rpc_server is not None
@@ -112,11 +116,18 @@ class Bench:
     async def worker(self, name: str) -> Worker:
         worker = Worker(NodeIdentity.generate(), self.rpc_server(name))
 
+        rpc = rpc_worker_handler(lambda: worker.rpc_port)
+
         async def streams(_c: QuicPeerConnection, kind: StreamType, s: QuicStream) -> None:
             if kind is StreamType.RPC:
-                await serve_rpc_stream(s, worker.rpc_port)
+                await rpc(QuicByteStream(s), self.host.node_id)
             else:
                 s.reset(RefuseCode.UNKNOWN_STREAM)
+
+        async def lane(
+            peer: NodeId, _p: StreamType, r: asyncio.StreamReader, w: asyncio.StreamWriter
+        ) -> None:
+            await rpc(TcpByteStream(r, w), peer)
 
         worker.quic = await QuicEndpoint.bind(
             worker.identity, "127.0.0.1", 0, streams, lambda _c: None
@@ -124,10 +135,14 @@ class Bench:
         worker.lane = await FastLaneServer.start(
             worker.identity,
             host="127.0.0.1",
-            on_connection=rpc_lane_handler(lambda: worker.rpc_port),
+            on_connection=lane,
             is_allowed=lambda node: node == self.host.node_id,
         )
-        self.closers += [worker.quic, worker.lane]
+        self.endpoints.append(worker.quic)
+        self.runs += [
+            asyncio.create_task(worker.quic.run()),
+            asyncio.create_task(worker.lane.run()),
+        ]
         return worker
 
     async def tunnel(self, worker: Worker, lane: str) -> RpcTunnelListener:
@@ -136,18 +151,20 @@ class Bench:
 
         assert worker.quic is not None and worker.lane is not None
         end = await QuicEndpoint.bind(self.host, "127.0.0.1", 0, refuse, lambda _c: None)
-        self.closers.append(end)
+        self.endpoints.append(end)
+        self.runs.append(asyncio.create_task(end.run()))
         quic = await end.dial("127.0.0.1", worker.quic.port, worker.identity.node_id, 10.0)
         self.pingers.append(asyncio.create_task(_keep_alive(quic)))
-        lane_port = worker.lane.port
-        listener = await RpcTunnelListener.start(
+        record = NodeRecord(worker.identity.node_id, 1, fast_lane_port=worker.lane.port)
+        dialer = PeerTransport(
             self.host,
-            worker.identity.node_id,
-            fast_lane_addr=lambda: ("127.0.0.1", lane_port),
-            quic=lambda: quic,
-            force_quic=lane == "quic",
+            _Links(record, quic),
+            fast_lane_purposes=frozenset() if lane == "quic" else frozenset({StreamType.RPC}),
+            connect_timeout_s=10.0,
+            fast_lane_retry_s=60.0,
         )
-        self.closers.append(listener)
+        listener = await RpcTunnelListener.start(dialer, worker.identity.node_id)
+        self.runs.append(asyncio.create_task(listener.run()))
         return listener
 
     async def prepare(self, config: Config) -> None:
@@ -189,7 +206,7 @@ class Bench:
         await asyncio.to_thread(config.llama.wait, 30)
         if config.listener is not None:  # the session to the rpc-server must end first
             listener = config.listener
-            await _until(lambda: not listener._sessions)
+            await _until(lambda: listener.sessions == 0)
 
     async def close(self) -> None:
         for task in self.pingers:
@@ -198,10 +215,28 @@ class Bench:
         for child in self.children:
             child.kill()
             child.wait()
-        for closer in reversed(self.closers):
-            result = closer.close()
-            if result is not None:
-                await result
+        for task in reversed(self.runs):
+            task.cancel()
+        await asyncio.gather(*self.runs, return_exceptions=True)
+        for endpoint in self.endpoints:
+            endpoint.close()
+
+
+class _Links:
+    """The host's view of one worker for `PeerTransport`: its record and QUIC link."""
+
+    def __init__(self, record: NodeRecord, connection: QuicPeerConnection) -> None:
+        self.record = record
+        self.connection = connection
+
+    def connection_of(self, node_id: NodeId) -> QuicPeerConnection | None:
+        return self.connection
+
+    async def connection_for(self, node_id: str) -> QuicPeerConnection:
+        return self.connection
+
+    def record_of(self, node_id: NodeId) -> NodeRecord | None:
+        return self.record
 
 
 def _spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

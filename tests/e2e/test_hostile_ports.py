@@ -47,9 +47,12 @@ TCP_GARBAGE = 300
 TCP_HALF_OPEN = 100
 ROUNDS = 3
 # asyncio's TLS layer costs ~0.5 MB per pending connection (a 256 KiB buffer and the SSL object)
-# and the allocator keeps the peak: a burst of 400 connections raises RSS by 100-250 MB here
-# (measured: +176 and +246 MB over three rounds), the same with a bare asyncio TLS server.
-# Bounded means: below this total, and each later round adds less than the first did.
+# and the allocator keeps the peak: before the fast lane capped its pending handshakes
+# (`net.fast_lane_max_pending`), a burst of 400 connections raised RSS by 100-250 MB here
+# (measured: +176 and +246 MB over three rounds); with the cap, +107 MB over three rounds (the
+# QUIC part of the attack and the chats), and tests/integration/test_fastlane_flood.py bounds
+# the fast lane's share alone. Bounded means: below this total, and each later round adds less
+# than the first did.
 RSS_TOTAL_BOUND_MB = 400.0
 
 

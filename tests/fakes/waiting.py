@@ -1,9 +1,12 @@
-"""Polling a condition with a deadline inside async tests (never a bare sleep)."""
+"""Polling a condition with a deadline inside async tests (never a bare sleep); running an
+object's `run()` for the length of a block."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -21,3 +24,29 @@ async def wait_until(
         if loop.time() > deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(POLL_INTERVAL_S)
+
+
+@contextlib.asynccontextmanager
+async def running(work: Coroutine[Any, Any, None]) -> AsyncIterator[asyncio.Task[None]]:
+    """Run `work` (an object's `run()`) for the duration of the block, then `stop` it."""
+    task = start(work)
+    try:
+        yield task
+    finally:
+        await stop(task)
+
+
+def start(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Run `work` (an object's `run()`) as a task of the test; end it with `stop`."""
+    return asyncio.get_running_loop().create_task(work)
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    """Cancel a task from `start` and wait for it to end; an error it ended with is raised."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # this test itself is being cancelled

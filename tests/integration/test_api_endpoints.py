@@ -13,7 +13,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,7 +24,6 @@ from mesh_llm.config import ApiConfig
 from mesh_llm.core.capabilities import Capability
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName
-from mesh_llm.net.quic import QuicPeerConnection
 from mesh_llm.wire.messages import HttpRequestHead
 from tests.fakes.fake_llama import MODEL_ID, FakeLlama, serve
 from tests.fakes.waiting import wait_until
@@ -81,10 +80,9 @@ class FakeMesh:
         self._url = url
         self.sent: list[str] = []
 
-    async def connection_for(self, node_id: str) -> QuicPeerConnection:
-        return cast(QuicPeerConnection, object())
-
-    async def send_over_lane(self, node_id: str, head: HttpRequestHead, body: bytes) -> AioRemote:
+    async def send_request(
+        self, node_id: str, head: HttpRequestHead, body: bytes, first_byte_timeout_s: float
+    ) -> AioRemote:
         self.sent.append(head.path)
         response = await self._session.post(self._url + head.path, data=body)
         return AioRemote(response)

@@ -16,9 +16,8 @@ import aiohttp
 import pytest
 
 from mesh_llm.api.app import INBOUND_KEY, create_app
-from mesh_llm.api.drain import Drain, drain_middleware
+from mesh_llm.api.drain import Drain
 from mesh_llm.api.inbound import InboundRequests
-from mesh_llm.api.openai import PROXIED_PATHS
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName
 from mesh_llm.wire.messages import HttpRequestHead
@@ -43,12 +42,11 @@ async def draining() -> AsyncIterator[Draining]:
         fake = FakeLlama(healthy=True, hold_last_chunk=True)
         fake_url = await stack.enter_async_context(serve(fake.app()))
         directory = Directory()
-        app = create_app(directory, CONFIG)
         drain = Drain()
-        app.middlewares.insert(0, drain_middleware(drain, PROXIED_PATHS, CONFIG.retry_after_s))
+        app = create_app(directory, CONFIG, drain=drain)
         url = await stack.enter_async_context(serve(app))
         inbound = app[INBOUND_KEY]
-        inbound.drain = drain
+        assert inbound.drain is drain
         client = await stack.enter_async_context(aiohttp.ClientSession())
         stack.callback(fake.release)
         directory.statuses = [ModelStatus(ModelName(MODEL_ID), ModelState.READY, endpoint=fake_url)]

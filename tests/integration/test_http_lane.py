@@ -1,11 +1,12 @@
 """API requests over the fast lane (TCP + TLS), on loopback with real sockets.
 
-A host runs a real `FastLaneServer` whose HTTP connections go to `InboundRequests.serve_lane`
+A host runs a real `FastLaneServer` whose HTTP connections go to `InboundRequests.serve`
 (answering from a fake llama-server); a requester's API (`create_app`) sends requests for the
-host's model through a real `HttpLanes` pool. Checked: answers and streams cross the lane chunk
-by chunk on one reused connection; a client that goes away cancels the host's request; a pooled
-connection the host closed is replaced transparently; a host without a lane (or that refuses
-us) is reached over QUIC instead; garbage on a lane connection closes only that connection.
+host's model through a real `HttpPeerClient` over a real `PeerTransport`. Checked: answers and
+streams cross the lane chunk by chunk on one reused connection; a client that goes away cancels
+the host's request; a pooled connection the host closed is replaced transparently; a host
+without a lane (or that refuses us) is reached over QUIC instead; garbage on a lane connection
+closes only that connection.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import aiohttp
@@ -27,13 +28,14 @@ from mesh_llm.config import ApiConfig
 from mesh_llm.core.router import ModelState, ModelStatus
 from mesh_llm.core.types import ModelName, NodeId
 from mesh_llm.identity import NodeIdentity
-from mesh_llm.net import http_lane
 from mesh_llm.net.fastlane import FastLaneServer, fast_lane_connect
-from mesh_llm.net.http_lane import HttpLanes, LaneResponse
-from mesh_llm.net.quic import QuicPeerConnection
-from mesh_llm.wire.messages import HttpRequestHead, StreamType
+from mesh_llm.net.http_peer import HttpPeerClient, PeerResponse
+from mesh_llm.net.quic import QuicPeerConnection, QuicStream
+from mesh_llm.net.streams import TcpByteStream
+from mesh_llm.net.transport import PeerTransport
+from mesh_llm.wire.messages import HttpRequestHead, NodeRecord, StreamType
 from tests.fakes.fake_llama import CHAT_REPLY, FakeLlama, serve
-from tests.fakes.waiting import wait_until
+from tests.fakes.waiting import running, wait_until
 from tests.integration.test_http_tunnel import Directory
 
 MODEL = "lane-model"
@@ -42,21 +44,59 @@ CONFIG = ApiConfig(port=0, first_byte_timeout_s=10.0, idle_chunk_timeout_s=10.0)
 TIMEOUT_S = 10.0
 
 
-class LaneAccess:
-    """The requester's MeshAccess: the fast lane through a real pool, no QUIC link."""
+class FakeQuic:
+    """Stands for the requester's admitted QUIC connection to the host: asked for first (a
+    client's QUIC admission), used only when the fast lane cannot carry a request."""
 
-    def __init__(self, lanes: HttpLanes) -> None:
-        self.lanes = lanes
-        self.failures: list[str] = []
+    is_closed = False
+    remote_addr = None
 
-    async def send_over_lane(
-        self, node_id: str, head: HttpRequestHead, body: bytes
-    ) -> LaneResponse | None:
-        return await self.lanes.send(NodeId(node_id), head, body)
+    def __init__(self) -> None:
+        self.opened: list[StreamType] = []
+
+    async def open_stream(self, stream_type: StreamType) -> QuicStream:
+        self.opened.append(stream_type)
+        return cast(QuicStream, object())
+
+
+class Links:
+    """The requester's view of the host: its record (fast-lane port) and a QUIC stand-in."""
+
+    def __init__(self, host: NodeId, fast_lane_port: int) -> None:
+        self.record = NodeRecord(host, 1, addrs=("127.0.0.1:9",), fast_lane_port=fast_lane_port)
+        self.quic = FakeQuic()
+
+    def connection_of(self, node_id: NodeId) -> QuicPeerConnection | None:
+        return None  # where the fast lane is dialled: the record's first address
 
     async def connection_for(self, node_id: str) -> QuicPeerConnection:
-        # Asked before the lane (a client's QUIC admission); never used when the lane answers.
-        return cast(QuicPeerConnection, object())
+        return cast(QuicPeerConnection, self.quic)
+
+    def record_of(self, node_id: NodeId) -> NodeRecord | None:
+        return self.record if node_id == self.record.node_id else None
+
+
+def transport(identity: NodeIdentity, links: Links) -> PeerTransport:
+    return PeerTransport(
+        identity,
+        links,
+        fast_lane_purposes=frozenset({StreamType.HTTP}),
+        connect_timeout_s=TIMEOUT_S,
+        fast_lane_retry_s=60.0,
+    )
+
+
+class LaneAccess:
+    """The requester's MeshAccess: the fast lane through a real pool."""
+
+    def __init__(self, client: HttpPeerClient) -> None:
+        self.client = client
+        self.failures: list[str] = []
+
+    async def send_request(
+        self, node_id: str, head: HttpRequestHead, body: bytes, first_byte_timeout_s: float
+    ) -> PeerResponse:
+        return await self.client.request(NodeId(node_id), head, body, first_byte_timeout_s)
 
     def report_failure(self, node_id: str, reason: str) -> None:
         self.failures.append(node_id)
@@ -72,12 +112,15 @@ class LaneAccess:
 class Lane:
     host: NodeIdentity
     fake: FakeLlama
-    lanes: HttpLanes
+    lanes: HttpPeerClient
     access: LaneAccess
     base: str
     session: aiohttp.ClientSession
     connections: list[NodeId]  # one entry per lane connection the host accepted
     host_metrics: ApiMetrics
+    inbound: InboundRequests
+    port: int  # of the host's fast lane
+    requester: NodeIdentity
 
 
 @pytest.fixture
@@ -107,7 +150,7 @@ async def lane() -> AsyncIterator[Lane]:
             writer: asyncio.StreamWriter,
         ) -> None:
             connections.append(peer)
-            await inbound.serve_lane(reader, writer, peer)
+            await inbound.serve(TcpByteStream(reader, writer), peer)
 
         server = await FastLaneServer.start(
             host,
@@ -116,15 +159,32 @@ async def lane() -> AsyncIterator[Lane]:
             is_allowed=lambda node: node == requester.node_id,
             purposes=frozenset({StreamType.HTTP}),
         )
-        stack.push_async_callback(server.close)
-        lanes = HttpLanes(requester, lambda _node: ("127.0.0.1", server.port), TIMEOUT_S)
-        stack.push_async_callback(lanes.close_all)
+        await stack.enter_async_context(running(server.run()))
+        lanes = HttpPeerClient(
+            transport(requester, Links(host.node_id, server.port)),
+            pool_idle_s=20.0,
+            pool_max_idle=16,
+            finish_s=2.0,
+        )
+        await stack.enter_async_context(running(lanes.run()))
         access = LaneAccess(lanes)
         directory = Directory(
             [ModelStatus(ModelName(MODEL), ModelState.LOADING, remote=(host.node_id,))]
         )
         base = await stack.enter_async_context(serve(create_app(directory, CONFIG, mesh=access)))
-        yield Lane(host, fake, lanes, access, base, session, connections, host_metrics)
+        yield Lane(
+            host,
+            fake,
+            lanes,
+            access,
+            base,
+            session,
+            connections,
+            host_metrics,
+            inbound,
+            server.port,
+            requester,
+        )
 
 
 async def test_requests_cross_the_lane_on_one_reused_connection(lane: Lane) -> None:
@@ -205,7 +265,7 @@ async def test_a_client_that_stops_at_done_is_a_complete_request(lane: Lane) -> 
 async def test_a_pooled_connection_the_host_closed_is_replaced(
     lane: Lane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(http_lane, "HOST_IDLE_S", 0.2)
+    monkeypatch.setattr(lane.inbound, "_config", replace(CONFIG, peer_stream_idle_s=0.2))
     lane.fake.release()
     async with lane.session.post(lane.base + "/v1/chat/completions", json=CHAT) as resp:
         assert resp.status == 200
@@ -218,9 +278,9 @@ async def test_a_pooled_connection_the_host_closed_is_replaced(
 
 async def test_garbage_closes_only_that_connection(lane: Lane) -> None:
     reader, writer, _ = await fast_lane_connect(
-        lane.lanes._identity,
+        lane.requester,
         "127.0.0.1",
-        _port_of(lane),
+        lane.port,
         lane.host.node_id,
         TIMEOUT_S,
         StreamType.HTTP,
@@ -234,17 +294,18 @@ async def test_garbage_closes_only_that_connection(lane: Lane) -> None:
 
 
 async def test_without_a_lane_the_request_goes_over_quic(lane: Lane) -> None:
-    refused = HttpLanes(NodeIdentity.generate(), lambda _node: ("127.0.0.1", _port_of(lane)), 5)
-    head = HttpRequestHead("POST", "/v1/chat/completions", {}, 2)
-    assert await refused.send(lane.host.node_id, head, b"{}") is None  # not allowed: QUIC
-    assert refused.sent == {"fast": 0, "quic": 1}
-    # Within LANE_RETRY_S the lane is not dialled again.
-    assert await refused.send(lane.host.node_id, head, b"{}") is None
-    no_address = HttpLanes(NodeIdentity.generate(), lambda _node: None, 5)
-    assert await no_address.send(lane.host.node_id, head, b"{}") is None
-
-
-def _port_of(lane: Lane) -> int:
-    address = lane.lanes._address_of(lane.host.node_id)
-    assert address is not None
-    return address[1]
+    refused = Links(lane.host.node_id, lane.port)  # a node the host does not allow
+    refused_transport = transport(NodeIdentity.generate(), refused)
+    stream = await refused_transport.open(lane.host.node_id, StreamType.HTTP)
+    assert stream.lane == "quic" and refused.quic.opened == [StreamType.HTTP]  # not allowed
+    assert refused_transport.on_quic_for_now() == [lane.host.node_id]
+    assert refused_transport.reason_of(lane.host.node_id).startswith("fast lane to 127.0.0.1:")
+    # Within the retry time the lane is not dialled again: QUIC, the reason kept.
+    again = await refused_transport.open(lane.host.node_id, StreamType.HTTP)
+    assert again.lane == "quic" and len(refused.quic.opened) == 2
+    assert refused_transport.reason_of(lane.host.node_id).startswith("fast lane to 127.0.0.1:")
+    no_address = Links(lane.host.node_id, 0)  # advertises no fast lane
+    no_lane = transport(NodeIdentity.generate(), no_address)
+    assert (await no_lane.open(lane.host.node_id, StreamType.HTTP)).lane == "quic"
+    assert no_lane.reason_of(lane.host.node_id) == "the peer advertises no fast lane"
+    assert no_lane.on_quic_for_now() == []

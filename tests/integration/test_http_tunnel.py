@@ -25,11 +25,13 @@ from mesh_llm.api.inbound import InboundRequests
 from mesh_llm.api.metrics import CLIENT_CLOSED_STATUS, ApiMetrics, MetricSources
 from mesh_llm.config import ApiConfig
 from mesh_llm.core.router import ModelState, ModelStatus
-from mesh_llm.core.types import ModelName
+from mesh_llm.core.types import ModelName, NodeId
+from mesh_llm.errors import StreamReset
 from mesh_llm.identity import new_mesh
-from mesh_llm.net.quic import QuicPeerConnection, QuicStream
+from mesh_llm.net.http_peer import PeerResponse
+from mesh_llm.net.streams import ByteStream
 from mesh_llm.token import InviteToken
-from mesh_llm.wire.messages import HttpRequestHead, RefuseCode, StreamType
+from mesh_llm.wire.messages import HttpRequestHead, StreamType
 from tests.fakes.fake_llama import CHAT_REPLY, FakeLlama, serve
 from tests.fakes.waiting import wait_until
 from tests.integration.test_peers import Running
@@ -55,11 +57,11 @@ class Access:
         self.failures: list[str] = []
         self.counted: list[str] = []
 
-    async def connection_for(self, node_id: str) -> QuicPeerConnection:
-        return await self.node.peers.connection_for(node_id)
-
-    async def send_over_lane(self, node_id: str, head: HttpRequestHead, body: bytes) -> None:
-        return None  # no fast lane here: QUIC streams (see test_http_lane for the lane)
+    async def send_request(
+        self, node_id: str, head: HttpRequestHead, body: bytes, first_byte_timeout_s: float
+    ) -> PeerResponse:
+        # No fast-lane server here: QUIC streams (see test_http_lane for the fast lane).
+        return await self.node.http.request(NodeId(node_id), head, body, first_byte_timeout_s)
 
     def report_failure(self, node_id: str, reason: str) -> None:
         self.failures.append(node_id)
@@ -85,7 +87,7 @@ class Host:
         url = await stack.enter_async_context(serve(self.fake.app()))
         self.directory.statuses = [ModelStatus(ModelName(MODEL), ModelState.READY, endpoint=url)]
         inbound = InboundRequests(self.directory, session, CONFIG, self.admission, self.metrics)
-        self.node.peers.http_handler = inbound.serve
+        self.node.handlers.serve(StreamType.HTTP, inbound.serve)
 
 
 @pytest.fixture
@@ -256,15 +258,15 @@ async def test_a_host_failing_before_its_answer_is_retried_on_a_replica(
     c = Running(a.peers._mesh, (token,))
     await c.start()
     stack.push_async_callback(c.stop)
-    await wait_until(lambda: c.identity.node_id in b.peers._links, "B linked to C", 20)
+    await wait_until(lambda: b.peers.is_linked(c.identity.node_id), "B linked to C", 20)
     base, access, session = await _api(stack, b, [a.identity.node_id, c.identity.node_id])
     fake_c = FakeLlama(healthy=True)
     await Host(c, fake_c).start(stack, session)
 
-    async def broken(stream: QuicStream, peer: str) -> None:
-        stream.reset(RefuseCode.PROTOCOL_ERROR)  # A fails every request before answering
+    async def broken(stream: ByteStream, peer: NodeId) -> None:
+        stream.abort()  # A fails every request before answering
 
-    a.peers.http_handler = broken
+    a.handlers.serve(StreamType.HTTP, broken)
     for _ in range(2):  # replicas rotate: one of the two requests tries A first
         async with session.post(base + "/v1/chat/completions", json=CHAT) as resp:
             assert resp.status == 200, await resp.text()
@@ -272,7 +274,9 @@ async def test_a_host_failing_before_its_answer_is_retried_on_a_replica(
     assert access.failures == [a.identity.node_id]
     assert len(fake_c.requests) == 2
 
-    c.peers.http_handler = broken  # now no replica can answer: 502 naming the failure
+    c.handlers.serve(StreamType.HTTP, broken)
+    b.http.forget(c.identity.node_id)  # B's pooled stream to C still has the old handler
+    # now no replica can answer: 502 naming the failure
     async with session.post(base + "/v1/chat/completions", json=CHAT) as resp:
         assert resp.status == 502
         error = (await resp.json())["error"]
@@ -288,7 +292,7 @@ async def test_garbage_on_an_http_stream_is_reset_and_the_host_keeps_serving(
     for garbage in (b"\xff\xff\xff\xff", b"\x00\x00\x00\x03\xc1\xc1\xc1", b"\x00\x00"):
         stream = await connection.open_stream(StreamType.HTTP)
         stream.write(garbage, end_stream=True)
-        with pytest.raises(ConnectionError):
+        with pytest.raises(StreamReset):
             await asyncio.wait_for(stream.read_exactly(1), 40)
     async with session.post(base + "/v1/chat/completions", json=CHAT) as resp:
         assert resp.status == 200

@@ -15,9 +15,11 @@ import pytest
 from mesh_llm.config import NetConfig
 from mesh_llm.core.mesh import MeshCore, MeshTimings
 from mesh_llm.identity import MeshSecret, NodeIdentity, new_mesh
-from mesh_llm.net.admission import FramedChannel, admit_outbound
+from mesh_llm.net.hello import FramedChannel, admit_outbound
+from mesh_llm.net.http_peer import HttpPeerClient
 from mesh_llm.net.peers import PeerManager
 from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
+from mesh_llm.net.transport import PeerTransport, StreamHandlers
 from mesh_llm.token import InviteToken
 from mesh_llm.wire.messages import NodeRecord, RefuseCode, StreamType
 from tests.fakes.waiting import wait_until
@@ -31,17 +33,38 @@ class Running:
         loop = asyncio.get_running_loop()
         record = NodeRecord(node_id=self.identity.node_id, version=1, name="test")
         core = MeshCore(record, MeshTimings(), random.Random(1), loop.time())
-        self.peers = PeerManager(self.identity, mesh, core, tokens=tokens, timings=NetConfig())
+        self.handlers = StreamHandlers()  # RPC and HTTP streams of admitted peers
+        self.peers = PeerManager(
+            self.identity,
+            mesh,
+            core,
+            tokens=tokens,
+            timings=NetConfig(),
+            inbound=self.handlers.accept,
+        )
+        self.transport = PeerTransport(
+            self.identity,
+            self.peers,
+            fast_lane_purposes=frozenset(),  # no fast-lane server here: QUIC streams
+            connect_timeout_s=DEADLINE_S,
+            fast_lane_retry_s=60.0,
+        )
+        self.http = HttpPeerClient(self.transport, pool_idle_s=20.0, pool_max_idle=16, finish_s=2.0)
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> InviteToken:
         port = await self.peers.bind("127.0.0.1", 0)
-        self.task = asyncio.get_running_loop().create_task(self.peers.run())
+        self.task = asyncio.get_running_loop().create_task(self._run())
         addrs = (f"127.0.0.1:{port}",)
         self.peers.update_self(addrs=addrs)
         return InviteToken(
             self.peers._mesh.mesh_id, self.peers._mesh.secret, self.identity.node_id, addrs
         )
+
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.peers.run())
+            group.create_task(self.http.run())
 
     def peer_ids(self) -> set[str]:
         return {p["node_id"] for p in self.peers.snapshot()["peers"]}
@@ -96,13 +119,13 @@ async def test_garbage_after_admission_closes_only_that_connection(
         connection = await endpoint.dial("127.0.0.1", port, node.identity.node_id, DEADLINE_S)
         channel = FramedChannel(await connection.open_stream(StreamType.CONTROL))
         await admit_outbound(channel, rogue, node.peers._mesh, expected=node.identity.node_id)
-        await wait_until(lambda: rogue.node_id in node.peers._links, "rogue linked")
+        await wait_until(lambda: node.peers.is_linked(rogue.node_id), "rogue linked")
         channel.stream.write(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")  # a frame of garbage
         await asyncio.wait_for(connection.wait_closed(), DEADLINE_S)
         assert "msgpack" in connection.close_reason or "frame" in connection.close_reason, (
             connection.close_reason
         )
-        await wait_until(lambda: rogue.node_id not in node.peers._links, "rogue dropped")
+        await wait_until(lambda: not node.peers.is_linked(rogue.node_id), "rogue dropped")
         # The node still admits and gossips with a well-behaved joiner.
         joiner = Running(node.peers._mesh, (token,))
         await joiner.start()

@@ -11,15 +11,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from mesh_llm.core.types import NodeId
-from mesh_llm.errors import PeerUnavailable, ProtocolError
+from mesh_llm.errors import AdmissionRefused, PeerUnavailable, ProtocolError, StreamReset
 from mesh_llm.identity import MeshSecret, NodeIdentity, new_mesh
-from mesh_llm.net.admission import (
-    AdmissionRefused,
+from mesh_llm.net.hello import (
     FramedChannel,
     admit_inbound,
     admit_outbound,
 )
-from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream, StreamReset
+from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
 from mesh_llm.wire.codec import encode_frame
 from mesh_llm.wire.messages import (
     NONCE_BYTES,
@@ -30,6 +29,7 @@ from mesh_llm.wire.messages import (
     Refused,
     StreamType,
 )
+from tests.fakes.waiting import running
 
 TIMEOUT_S = 10.0
 
@@ -70,7 +70,8 @@ async def listener() -> AsyncIterator[Listener]:
         state.identity, "127.0.0.1", 0, state.on_stream, lambda _c: None
     )
     try:
-        yield state
+        async with running(state.endpoint.run()):  # serves the streams dialers open
+            yield state
     finally:
         state.endpoint.close()
 
@@ -84,7 +85,8 @@ async def dialer() -> AsyncIterator[tuple[NodeIdentity, QuicEndpoint]]:
 
     endpoint = await QuicEndpoint.bind(identity, "127.0.0.1", 0, no_streams, lambda _c: None)
     try:
-        yield identity, endpoint
+        async with running(endpoint.run()):
+            yield identity, endpoint
     finally:
         endpoint.close()
 

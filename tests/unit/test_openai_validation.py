@@ -20,10 +20,10 @@ from mesh_llm.api.openai import (
     RESPONSES_PATH,
     RESPONSES_TOKENS_PATH,
     TOKENIZE_PATH,
-    InvalidRequest,
     error_body,
     validate_request,
 )
+from mesh_llm.errors import InvalidRequest
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -11,7 +11,7 @@ from mesh_llm.core.events import (
     RecordChanged,
 )
 from mesh_llm.core.gossip import SUMMARY_KEY, bucket_of, listing_digest
-from mesh_llm.core.mesh import DIAL_BACKOFF_S, DIAL_GRACE_S, MeshCore, MeshTimings
+from mesh_llm.core.mesh import MeshCore, MeshTimings
 from mesh_llm.wire.messages import (
     Digest,
     Hello,
@@ -22,6 +22,9 @@ from mesh_llm.wire.messages import (
 )
 
 from .helpers import events, linked, make_core, nid, pump, record, sent, sent_to
+
+DIAL_BACKOFF_S = MeshTimings().dial_backoff_s
+DIAL_GRACE_S = MeshTimings().dial_grace_s
 
 
 def test_link_up_sends_a_full_digest_at_once() -> None:

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from mesh_llm.core.events import PeerLeft
 from mesh_llm.core.mesh import MAX_VRAM_BYTES, MeshCore
-from mesh_llm.wire.codec import MAX_ITEMS, MAX_STRING_BYTES, DecodeError, decode_message
+from mesh_llm.errors import DecodeError
+from mesh_llm.wire.codec import MAX_ITEMS, MAX_STRING_BYTES, decode_message
 from mesh_llm.wire.messages import Leaving, NodeRecord, Records, Want
 
 from .helpers import events, linked, make_core, nid, record, sent_to

@@ -9,12 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh_llm.errors import ProtocolError
+from mesh_llm.errors import DecodeError, ProtocolError
 from mesh_llm.wire.codec import (
     MAX_FRAME_BYTES,
     MAX_ITEMS,
     MAX_STRING_BYTES,
-    DecodeError,
     decode_message,
     encode_message,
 )

@@ -8,13 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh_llm.wire.codec import (
-    MAX_FRAME_BYTES,
-    DecodeError,
-    FrameDecoder,
-    encode_frame,
-    encode_message,
-)
+from mesh_llm.errors import DecodeError
+from mesh_llm.wire.codec import MAX_FRAME_BYTES, FrameDecoder, encode_frame, encode_message
 from mesh_llm.wire.messages import MESSAGE_TYPES, Message, Ping, Pong, Want, Welcome
 from tests.unit.wire.strategies import messages
 

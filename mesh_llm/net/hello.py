@@ -1,4 +1,4 @@
-"""Admission: the hello exchange that opens every control stream.
+"""The hello: the admission exchange that opens every control stream.
 
 Dialer → `Hello(version, node id, mesh id, nonce)`; listener → `HelloReply` with its own nonce,
 an Ed25519 signature over the transcript (both hellos, both nonces) and an HMAC of it keyed by
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from mesh_llm.core.types import NodeId, short_id
-from mesh_llm.errors import ProtocolError
+from mesh_llm.errors import AdmissionRefused, DecodeError
 from mesh_llm.identity import MeshSecret, NodeIdentity, is_node_id, verify_signature
 from mesh_llm.net.quic import QuicStream
-from mesh_llm.wire.codec import DecodeError, FrameDecoder, encode_frame
+from mesh_llm.wire.codec import FrameDecoder, encode_frame
 from mesh_llm.wire.messages import (
     NONCE_BYTES,
     PROTOCOL_VERSION,
@@ -38,10 +38,6 @@ from mesh_llm.wire.messages import (
 _M = TypeVar("_M", bound=Message)
 TRANSCRIPT_LABEL = b"mesh-llm admission v1\x00"
 READ_CHUNK_BYTES = 65536
-
-
-class AdmissionRefused(ProtocolError):
-    """The hello exchange failed; `code` is a `RefuseCode`, the message says why."""
 
 
 class FramedChannel:
