@@ -18,7 +18,13 @@ from dataclasses import dataclass
 
 from mesh_llm.config import NetConfig
 from mesh_llm.core.types import NodeId, short_id
-from mesh_llm.errors import AdmissionRefused, DecodeError, PeerUnavailable, StreamReset
+from mesh_llm.errors import (
+    AdmissionRefused,
+    DecodeError,
+    PeerUnavailable,
+    ProtocolError,
+    StreamReset,
+)
 from mesh_llm.identity import MeshSecret, NodeIdentity
 from mesh_llm.net.hello import FramedChannel, admit_outbound
 from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection
@@ -51,11 +57,20 @@ async def dial_link(
     """Try each address in turn; returns an admitted link. Raises `PeerUnavailable` when no
     address answers, `AdmissionRefused` when the peer refuses us (final for this attempt)."""
     errors: list[str] = []
+    mismatch: ProtocolError | None = None
     for addr in addrs:
         host, port = parse_addr(addr)
         try:
             connection = await endpoint.dial(host, port, expected, timings.dial_timeout_s)
         except PeerUnavailable as exc:
+            errors.append(str(exc))
+            continue
+        except ProtocolError as exc:
+            if exc.code != RefuseCode.KEY_MISMATCH:
+                raise
+            # Another node at this address (often this node itself: every machine has the
+            # same Docker 172.17.0.1 and the same port): try the next address.
+            mismatch = exc
             errors.append(str(exc))
             continue
         channel = FramedChannel(await connection.open_stream(StreamType.CONTROL))
@@ -73,6 +88,8 @@ async def dial_link(
         connection.admitted = True
         connection.admitted_id = peer
         return Link(peer, connection, channel, dialer=identity.node_id)
+    if mismatch is not None:
+        raise mismatch  # no address answered as the expected node: say so, as a refusal
     raise PeerUnavailable("; ".join(errors) or "no address to dial")
 
 

@@ -65,7 +65,7 @@ def test_join_across_hosts_with_only_the_token(lab: Lab, mesh: LabMesh) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="mesh_llm/net/peers.py PeerManager._dial tries token addresses one after another, "
+    reason="mesh_llm/net/links.py dial_link tries token addresses one after another, "
     "each with the whole dial_timeout_s (5 s; aioquic ignores ICMP port unreachable): "
     "4 dead addresses first cost 20 s (measured 20.05 s). Needs parallel (staggered) dials, "
     "first admitted link wins, in the transport layer.",
@@ -90,15 +90,6 @@ def test_unreachable_token_addresses_cost_seconds_not_a_timeout_each(
     assert slow_s - clean_s <= STALE_ADDRESS_BUDGET_S, (clean_s, slow_s)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mesh_llm/net/peers.py PeerManager._dial: a joiner dials the token's first address, "
-    "172.17.0.1:7842, which is its own (same address, same port), is answered by its own "
-    "key, and AdmissionRefused ('presented key <own>, expected <seed>') aborts the whole "
-    "attempt instead of trying the next address; the join loop retries the same forever "
-    "(measured: no mesh after 60 s). Needs: skip addresses that are this node's own "
-    "endpoint, and treat a wrong key at one address as that address failing.",
-)
 def test_a_private_address_every_host_shares_is_not_dialed_as_the_peer(
     lab: Lab, mesh: LabMesh
 ) -> None:
