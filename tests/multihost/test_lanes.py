@@ -97,8 +97,8 @@ def test_serving_node_behind_nat_is_reached_over_its_own_connection(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="a passive client dials the host of a model directly (mesh_llm/api/proxy.py _open → "
-    "net/peers.py connection_for, on demand) at the addresses its record advertises "
+    reason="a passive client dials the host of a model directly (mesh_llm/net/transport.py "
+    "open → connection_for, on demand) at the addresses its record advertises "
     "(192.168.7.2 and 127.0.0.1 behind the NAT): both time out (5 s each) and the request "
     "ends 502 after ~12 s, every time. Needs the client to go through the node it joined "
     "(which holds the NAT'd node's own connection) when the host cannot be dialed: the relay "
