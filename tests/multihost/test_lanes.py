@@ -28,18 +28,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.multihost]
 READY_TIMEOUT_S = 300.0
 JOIN_TIMEOUT_S = 60.0
 CLIENT_CHAT_BUDGET_S = 20.0
-LANE_RETRY_S = 60.0  # mesh_llm/net/http_lane.py: QUIC carries a host's requests this long
+LANE_RETRY_S = 60.0  # mesh_llm/net/transport.py: QUIC carries a host's streams this long
 
 
 @pytest.mark.slow  # waits out the 60 s lane retry: about 2 min
-@pytest.mark.xfail(
-    strict=True,
-    reason="since the transport redesign, the fallback half passes but API requests never return "
-    "to the fast lane after unblocking (none within 120 s; before the redesign: 66-78 s): "
-    "mesh_llm/net/http_peer.py's pool reuses its idle streams of any lane, so the QUIC stream "
-    "pooled during the block keeps carrying every request and the fast lane is never re-dialed "
-    "once the transport's retry time has passed.",
-)
 def test_blocked_fast_lane_falls_back_to_quic_and_comes_back(lab: Lab, mesh: LabMesh) -> None:
     a, b = lab.add_host("a"), lab.add_host("b")
     lab.block_tcp(a, b)  # a firewall between a and b: UDP (QUIC) passes, TCP does not
