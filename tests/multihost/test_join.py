@@ -63,13 +63,6 @@ def test_join_across_hosts_with_only_the_token(lab: Lab, mesh: LabMesh) -> None:
     wait_until(lambda: chat_ok(joiner, SMOLLM2.name), READY_TIMEOUT_S, "a chat through b")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mesh_llm/net/links.py dial_link tries token addresses one after another, "
-    "each with the whole dial_timeout_s (5 s; aioquic ignores ICMP port unreachable): "
-    "4 dead addresses first cost 20 s (measured 20.05 s). Needs parallel (staggered) dials, "
-    "first admitted link wins, in the transport layer.",
-)
 def test_unreachable_token_addresses_cost_seconds_not_a_timeout_each(
     lab: Lab, mesh: LabMesh
 ) -> None:
