@@ -2,11 +2,11 @@
 
 `dial_link` dials a peer's addresses in a staggered race (the first admitted link wins) and
 runs the hello as the dialer (it proves this node's key and the mesh secret, and checks the
-peer's). `Links` is the table of admitted links
-by node id: `register` adopts a new link unless a better one to the same peer exists (when two
-nodes dial each other at once, the connection dialed by the lower node id survives), `read`
-reads a link's control stream until it ends and then drops it, and `no_links` is set while the
-table is empty (the join loop waits on it). Adopting and dropping a link are reported through
+peer's). `Links` is the table of admitted links by node id: `register` adopts a new link
+unless a better one to the same peer exists (when two nodes dial each other at once, the
+connection dialed by the lower node id survives), `read` reads a link's control stream until
+it ends and then drops it, and `no_links` is set while the table is empty (the join loop waits
+on it). Adopting and dropping a link are reported through
 the `on_up`/`on_down` callbacks (the mesh core's `link_up`/`link_down`).
 """
 
