@@ -16,6 +16,10 @@ serve *ARGS:
 test *ARGS:
     {{venv}}/python -m pytest {{ARGS}}
 
+# The tests marked slow (long multi-host scenarios), left out of `just test`.
+test-slow *ARGS:
+    {{venv}}/python -m pytest -m slow {{ARGS}}
+
 fmt:
     {{venv}}/ruff format mesh_llm tests
 

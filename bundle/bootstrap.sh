@@ -6,8 +6,8 @@
 #
 # Needs only Python >= 3.11 with venv. Installs the package and its dev/demo extras into .venv
 # (the `just` command comes from PyPI's rust-just), and with root on Debian, the build tools
-# llama.cpp needs (cmake, g++) and, for the console tests, chromium. Idempotent: a second run
-# only checks.
+# llama.cpp needs (cmake, g++), for the console tests chromium, and for the multi-host tests
+# nftables. Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -31,6 +31,12 @@ fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then
   echo "bootstrap: installing chromium (console browser tests) with apt-get" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
+# nftables: loss, partitions and NAT of the multi-host tier (tests/multihost), run as root.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v nft >/dev/null; then
+  echo "bootstrap: installing nftables (multi-host network tests) with apt-get" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

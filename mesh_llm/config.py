@@ -122,6 +122,9 @@ class NetConfig:
     # API requests to other hosts over the fast lane (False: always over QUIC streams).
     api_fast_lane: bool = True
     dial_timeout_s: float = 5.0
+    # A join dials a peer's next address this long after the previous one (or at once when
+    # that one failed): the addresses race, the first admitted link wins.
+    dial_stagger_s: float = 0.25
     hello_timeout_s: float = 5.0
     join_backoff_initial_s: float = 1.0
     join_backoff_max_s: float = 30.0

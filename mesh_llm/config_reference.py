@@ -85,6 +85,8 @@ DESCRIPTIONS: dict[str, str] = {
     "net.fast_lane_connect_timeout_s": "connecting a fast lane (seconds)",
     "net.api_fast_lane": "send API requests to other hosts over the fast lane",
     "net.dial_timeout_s": "QUIC connect to a peer (seconds)",
+    "net.dial_stagger_s": "a join dials a peer's next address this long after the previous "
+    "one, or once it failed (seconds)",
     "net.hello_timeout_s": "admission hello exchange (seconds)",
     "net.join_backoff_initial_s": "first delay before retrying a join (seconds)",
     "net.join_backoff_max_s": "longest delay between join retries (seconds)",

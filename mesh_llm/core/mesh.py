@@ -190,7 +190,12 @@ class MeshCore:
         """An admitted control link to `peer` exists: forget it was dead, exchange digests."""
         if peer == self.node_id:
             return
-        self._dead.pop(peer, None)
+        if self._dead.pop(peer, None) is not None:
+            # A peer this node declared dead is linked again: a partition healed. Nodes of
+            # the other side that this one buried come back only through gossip over this
+            # link, so forget every dead mark (the peers of that side did not gossip the
+            # nodes they buried themselves).
+            self._dead.clear()
         self._dials.forget(peer)
         link = self._links.get(peer)
         if link is None:

@@ -93,7 +93,7 @@ def plan_group(
         return GroupPlan(model, host, (), ())
     candidates = sorted(
         (n for n in {*members, *standby} if n != host and n in records),
-        key=lambda n: (_rtt(host_record, records[n]), -records[n].vram_bytes, n),
+        key=lambda n: (_rtt(host_record, records[n]) or 0.0, -records[n].vram_bytes, n),
     )
     workers: list[str] = []
     total = host_record.vram_bytes
@@ -101,8 +101,9 @@ def plan_group(
         record = records[candidate]
         if record.rpc_protocol != host_record.rpc_protocol:
             continue
-        if _rtt(host_record, record) > factors.rtt_cap_ms:
-            continue
+        rtt = _rtt(host_record, record)
+        if rtt is None or rtt > factors.rtt_cap_ms:
+            continue  # unmeasured counts as too far: a far peer must never be picked, even once
         if total >= enough and (workers or not force_split):
             break
         workers.append(candidate)
@@ -145,10 +146,9 @@ def plan_is_stable(old: GroupPlan | None, new: GroupPlan) -> bool:
     )
 
 
-def _rtt(host: NodeRecord, other: NodeRecord) -> float:
-    """RTT between two nodes as either one measured it; unknown counts as 0 (not yet measured)."""
-    value = host.rtt_ms.get(other.node_id, other.rtt_ms.get(host.node_id))
-    return 0.0 if value is None else value
+def _rtt(host: NodeRecord, other: NodeRecord) -> float | None:
+    """RTT between two nodes as either one measured it; None until one has published it."""
+    return host.rtt_ms.get(other.node_id, other.rtt_ms.get(host.node_id))
 
 
 def assign_model(

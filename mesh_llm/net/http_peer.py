@@ -169,11 +169,18 @@ class HttpPeerClient:
         }
 
     def _take_idle(self, peer: NodeId) -> ByteStream | None:
+        """An idle stream to `peer`, unless it is stale, broken, or a QUIC stream while the
+        fast lane is eligible again (its failure memory expired): those are closed, so that
+        a fresh stream from the transport tries the fast lane."""
         idle = self._idle.get(peer, [])
         now = time.monotonic()
+        fast_again = any(p.stream.lane == "quic" for p in idle) and (
+            self._transport.fast_lane_eligible(peer, StreamType.HTTP)
+        )
         while idle:
             pooled = idle.pop()
-            if pooled.stream.is_usable() and now - pooled.last_used < self._pool_idle_s:
+            fresh = pooled.stream.is_usable() and now - pooled.last_used < self._pool_idle_s
+            if fresh and not (fast_again and pooled.stream.lane == "quic"):
                 return pooled.stream
             pooled.stream.close()
         return None

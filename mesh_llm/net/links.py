@@ -1,24 +1,31 @@
 """Member links: the node's admitted QUIC links to other nodes, one per peer.
 
-`dial_link` dials a peer's addresses in turn and runs the hello as the dialer (it proves this
-node's key and the mesh secret, and checks the peer's). `Links` is the table of admitted links
-by node id: `register` adopts a new link unless a better one to the same peer exists (when two
-nodes dial each other at once, the connection dialed by the lower node id survives), `read`
-reads a link's control stream until it ends and then drops it, and `no_links` is set while the
-table is empty (the join loop waits on it). Adopting and dropping a link are reported through
+`dial_link` dials a peer's addresses in a staggered race (the first admitted link wins) and
+runs the hello as the dialer (it proves this node's key and the mesh secret, and checks the
+peer's). `Links` is the table of admitted links by node id: `register` adopts a new link
+unless a better one to the same peer exists (when two nodes dial each other at once, the
+connection dialed by the lower node id survives), `read` reads a link's control stream until
+it ends and then drops it, and `no_links` is set while the table is empty (the join loop waits
+on it). Adopting and dropping a link are reported through
 the `on_up`/`on_down` callbacks (the mesh core's `link_up`/`link_down`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mesh_llm.config import NetConfig
 from mesh_llm.core.types import NodeId, short_id
-from mesh_llm.errors import AdmissionRefused, DecodeError, PeerUnavailable, StreamReset
+from mesh_llm.errors import (
+    DecodeError,
+    PeerUnavailable,
+    ProtocolError,
+    StreamReset,
+)
 from mesh_llm.identity import MeshSecret, NodeIdentity
 from mesh_llm.net.hello import FramedChannel, admit_outbound
 from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection
@@ -48,32 +55,124 @@ async def dial_link(
     *,
     client: bool,
 ) -> Link:
-    """Try each address in turn; returns an admitted link. Raises `PeerUnavailable` when no
-    address answers, `AdmissionRefused` when the peer refuses us (final for this attempt)."""
-    errors: list[str] = []
-    for addr in addrs:
-        host, port = parse_addr(addr)
+    """Dial the addresses in a staggered race (happy eyeballs: each starts `dial_stagger_s`
+    after the previous one, or at once when that one failed); the first admitted link wins
+    and the other attempts are cancelled (their connections closed). Returns that link.
+    Raises `PeerUnavailable` when no address answers, `AdmissionRefused` when the peer refuses
+    us (final for this attempt: the race stops)."""
+    race = _DialRace(endpoint, identity, mesh, timings, expected, client)
+    async with asyncio.TaskGroup() as group:
+        previous: _Turn | None = None
+        for addr in addrs:
+            turn = _Turn()
+            race.tasks.append(group.create_task(race.attempt(addr, previous, turn)))
+            previous = turn
+    if race.winner is not None:
+        return race.winner
+    if race.fatal is not None:
+        raise race.fatal
+    if race.mismatch is not None:
+        raise race.mismatch  # no address answered as the expected node: say so, as a refusal
+    raise PeerUnavailable("; ".join(race.errors) or "no address to dial")
+
+
+@dataclass(slots=True)
+class _Turn:
+    """One attempt's progress, which the next attempt waits on before it starts."""
+
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _DialRace:
+    """The attempts of one `dial_link`: who won, what failed."""
+
+    def __init__(
+        self,
+        endpoint: QuicEndpoint,
+        identity: NodeIdentity,
+        mesh: MeshSecret,
+        timings: NetConfig,
+        expected: NodeId | None,
+        client: bool,
+    ) -> None:
+        self._endpoint = endpoint
+        self._identity = identity
+        self._mesh = mesh
+        self._timings = timings
+        self._expected = expected
+        self._client = client
+        self.tasks: list[asyncio.Task[None]] = []
+        self.winner: Link | None = None
+        self.fatal: Exception | None = None
+        self.mismatch: ProtocolError | None = None
+        self.errors: list[str] = []
+
+    async def attempt(self, addr: str, previous: _Turn | None, turn: _Turn) -> None:
+        if previous is not None:  # start a stagger after the previous one, or once it failed
+            await previous.started.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._timings.dial_stagger_s):
+                    await previous.failed.wait()
+        turn.started.set()
         try:
-            connection = await endpoint.dial(host, port, expected, timings.dial_timeout_s)
+            link = await self._dial(addr)
         except PeerUnavailable as exc:
-            errors.append(str(exc))
-            continue
-        channel = FramedChannel(await connection.open_stream(StreamType.CONTROL))
+            self.errors.append(str(exc))
+        except ProtocolError as exc:
+            if exc.code != RefuseCode.KEY_MISMATCH:
+                self._stop(exc)
+            else:
+                # Another node at this address (often this node itself: every machine has the
+                # same Docker 172.17.0.1 and the same port): the other addresses go on.
+                self.mismatch = exc
+                self.errors.append(str(exc))
+        except Exception as exc:  # a refusal (wrong secret or key) or else: final, raised
+            self._stop(exc)
+        else:
+            if self.winner is not None:  # admitted at the same moment as the winner
+                link.connection.close_with(RefuseCode.DUPLICATE_NODE, "duplicate connection")
+                return
+            self.winner = link
+            self._cancel_others()
+            return
+        turn.failed.set()
+
+    def _stop(self, exc: Exception) -> None:
+        if self.fatal is None and self.winner is None:
+            self.fatal = exc
+        self._cancel_others()
+
+    def _cancel_others(self) -> None:
+        current = asyncio.current_task()
+        for task in self.tasks:
+            if task is not current:
+                task.cancel()
+
+    async def _dial(self, addr: str) -> Link:
+        host, port = parse_addr(addr)
+        connection = await self._endpoint.dial(
+            host, port, self._expected, self._timings.dial_timeout_s
+        )
         try:
-            async with asyncio.timeout(timings.hello_timeout_s):
+            channel = FramedChannel(await connection.open_stream(StreamType.CONTROL))
+            async with asyncio.timeout(self._timings.hello_timeout_s):
                 peer = await admit_outbound(
-                    channel, identity, mesh, expected=expected, client=client
+                    channel,
+                    self._identity,
+                    self._mesh,
+                    expected=self._expected,
+                    client=self._client,
                 )
-        except (AdmissionRefused, TimeoutError, StreamReset) as exc:
+        except (TimeoutError, StreamReset) as exc:
             connection.close_with(RefuseCode.PROTOCOL_ERROR, "admission failed")
-            if isinstance(exc, AdmissionRefused):
-                raise  # a refusal is final for this attempt: wrong secret or key
-            errors.append(f"{addr}: no hello answer ({exc!r})")
-            continue
+            raise PeerUnavailable(f"{addr}: no hello answer ({exc!r})") from exc
+        except BaseException:  # refused, or cancelled: another address won
+            connection.close_with(RefuseCode.PROTOCOL_ERROR, "admission failed")
+            raise
         connection.admitted = True
         connection.admitted_id = peer
-        return Link(peer, connection, channel, dialer=identity.node_id)
-    raise PeerUnavailable("; ".join(errors) or "no address to dial")
+        return Link(peer, connection, channel, dialer=self._identity.node_id)
 
 
 class Links:

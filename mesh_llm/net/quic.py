@@ -425,6 +425,10 @@ class QuicEndpoint(asyncio.DatagramProtocol):
             connection.close()
             self._terminated(connection)
             raise PeerUnavailable(f"cannot reach {host}:{port} over QUIC ({exc!r})") from exc
+        except asyncio.CancelledError:  # another address won the race (net/links.py)
+            connection.close()
+            self._terminated(connection)
+            raise
         actual = connection.peer_node_id()
         if expected is not None and actual != expected:
             connection.close_with(RefuseCode.KEY_MISMATCH, "key mismatch")

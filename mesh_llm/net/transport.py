@@ -115,6 +115,15 @@ class PeerTransport:
         now = self._clock()
         return [peer for peer, until in self._down_until.items() if until > now]
 
+    def fast_lane_eligible(self, peer: NodeId, purpose: StreamType) -> bool:
+        """Whether `open(peer, purpose)` would try the fast lane now (the purpose may use it,
+        the peer has one, no failed dial is remembered): a pool then lets its QUIC streams
+        to `peer` go, so that its requests return to the fast lane."""
+        if purpose not in self._fast_lane_purposes:
+            return False
+        address = fast_lane_addr_of(self._links.record_of(peer), self._links.connection_of(peer))
+        return address is not None and self._clock() >= self._down_until.get(peer, 0.0)
+
     async def _open_fast_lane(self, peer: NodeId, purpose: StreamType) -> ByteStream | None:
         if purpose not in self._fast_lane_purposes:
             self._reasons[peer] = "QUIC forced"

@@ -41,7 +41,8 @@ def node(
         serving=serving or {},
         models_on_disk=disk or {},
         split_models=split,
-        rtt_ms=rtt or {},
+        # Measured near the host unless a case says otherwise: an unmeasured peer is no worker.
+        rtt_ms=rtt if rtt is not None else ({} if node_id == H else {H: 1.0}),
     )
 
 

@@ -294,3 +294,25 @@ def test_a_failed_request_to_a_live_peer_changes_nothing() -> None:
     assert events(core) == [] and core.peer_state(nid("2")) == "alive"
     core.report_failure(nid("unknown"), 2.0)  # unlinked: ignored
     assert events(core) == []
+
+
+def test_re_linking_a_buried_peer_forgets_every_dead_mark() -> None:
+    # A partition: "1" declared "2" and "3" dead. It heals: "2" links again. "3"'s record,
+    # gossiped by "2", must be accepted (and dialed), or "1" and "3" stay apart for the TTL.
+    core = known(make_core("1"), "2", "3")
+    core.link_down(nid("2"), 1.0, "silent")
+    core.link_down(nid("3"), 1.0, "silent")
+    assert set(core.dead_peers()) == {nid("2"), nid("3")}
+    core.link_up(nid("2"), 40.0)
+    assert core.dead_peers() == {}
+    core.receive(nid("2"), Records((record("3", 2),)), 40.0)
+    assert core.records()[nid("3")].version == 2
+
+
+def test_a_new_link_to_a_peer_never_buried_keeps_the_dead_marks() -> None:
+    core = known(make_core("1"), "2")
+    core.link_down(nid("2"), 1.0, "closed")  # "2" died
+    core.link_up(nid("4"), 2.0)  # a new node joins: no partition healed
+    assert set(core.dead_peers()) == {nid("2")}
+    core.receive(nid("4"), Records((record("2", 5),)), 2.0)
+    assert nid("2") not in core.records()

@@ -52,7 +52,7 @@ def test_model_that_fits_is_solo() -> None:
 
 
 def test_forced_split_orders_workers_then_host() -> None:
-    records = {"h": rec("h", 20), "w": rec("w", 10)}
+    records = {"h": rec("h", 20, rtt={"w": 1.0}), "w": rec("w", 10)}
     plan = plan_group(
         "m", NEED, records, members=["h", "w"], standby=[], force_split=True, incumbent_host=None
     )
@@ -61,7 +61,7 @@ def test_forced_split_orders_workers_then_host() -> None:
 
 
 def test_small_worker_gets_a_small_share() -> None:
-    records = {"h": rec("h", 47), "w": rec("w", 1)}
+    records = {"h": rec("h", 47), "w": rec("w", 1, rtt={"h": 1.0})}  # either side's RTT
     plan = plan_group(
         "m", NEED, records, members=["h"], standby=["w"], force_split=True, incumbent_host=None
     )
@@ -69,12 +69,27 @@ def test_small_worker_gets_a_small_share() -> None:
 
 
 def test_too_big_waits_with_the_exact_message() -> None:
-    records = {"h": rec("h", 6), "w": rec("w", 2)}
+    records = {"h": rec("h", 6, rtt={"w": 1.0}), "w": rec("w", 2)}
     plan = plan_group(
         "m", NEED, records, members=["h"], standby=["w"], force_split=False, incumbent_host=None
     )
     assert plan.waiting == "Waiting for more peers — need 11.0 GB, have 8.0 GB"
     assert plan.tensor_split == ()
+
+
+def test_a_peer_whose_rtt_nobody_measured_yet_is_no_worker() -> None:
+    # A 150 ms peer is unmeasured for its first heartbeats: counting that as 0 ms made it a
+    # worker until the RTT arrived (seen in the multi-host tier).
+    records = {"h": rec("h", 20), "w": rec("w", 10)}
+    plan = plan_group(
+        "m", NEED, records, members=["h"], standby=["w"], force_split=True, incumbent_host=None
+    )
+    assert plan == GroupPlan("m", "h", (), ())  # solo meanwhile
+    records = {"h": rec("h", 6), "w": rec("w", 6)}
+    plan = plan_group(
+        "m", NEED, records, members=["h"], standby=["w"], force_split=False, incumbent_host=None
+    )
+    assert plan.workers == () and (plan.waiting or "").startswith("Waiting for more peers")
 
 
 def test_workers_by_rtt_with_cap_and_protocol() -> None:
