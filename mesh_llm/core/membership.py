@@ -54,6 +54,10 @@ class PeerLink:
     """When the peer's last `Ping` arrived: its heartbeat keeps both ends hearing each other."""
     skipped: int = 0
     """Heartbeats in a row we sent this peer no ping (it was pinging us)."""
+    refusals: list[float] = field(default_factory=list)
+    """When packets to the peer were refused (ICMP port unreachable) since it was last heard,
+    at most one per probe interval: a process death hint that probes confirm."""
+    refusal_probe_at: float | None = None
 
     @property
     def state(self) -> PeerState:
@@ -63,6 +67,8 @@ class PeerLink:
         """Note any message from the peer; True if it was suspect (it has recovered)."""
         self.last_heard = max(self.last_heard, now)
         self.probe_deadline = None
+        self.refusals.clear()
+        self.refusal_probe_at = None
         recovered, self.suspect = self.suspect, False
         return recovered
 
@@ -105,11 +111,32 @@ class PeerLink:
     def _weight(self) -> float:
         return max(1.0 / max(self.rtt_samples, 1), RTT_SMOOTHING)
 
+    def refused(self, now: float, probe_interval_s: float, window_s: float) -> int:
+        """Note a refused packet; the refusals counted within `window_s` (0: not counted).
+
+        Every packet sent to a dead port comes back refused, so a burst of them (a ping, its
+        retransmission, an ACK) counts once: a refusal counts only `probe_interval_s` / 2 after
+        the previous one, so a verdict needs refusals of separate probes.
+        """
+        if self.refusals and now - self.refusals[-1] < probe_interval_s / 2:
+            return 0
+        self.refusals = [at for at in self.refusals if now - at <= window_s]
+        self.refusals.append(now)
+        return len(self.refusals)
+
+    def forgive_stall(self, stall_s: float, now: float) -> None:
+        """This node itself was stalled for `stall_s` (it could hear nothing): that time is
+        not the peer's silence."""
+        self.last_heard = min(now, self.last_heard + stall_s)
+        if self.probe_deadline is not None:
+            self.probe_deadline += stall_s
+
     def next_liveness_deadline(self, suspect_after_s: float, dead_after_s: float) -> float:
         """When this link's next silence transition or probe deadline falls due."""
         due = self.last_heard + (dead_after_s if self.suspect else suspect_after_s)
-        if self.probe_deadline is not None:
-            due = min(due, self.probe_deadline)
+        for deadline in (self.probe_deadline, self.refusal_probe_at):
+            if deadline is not None:
+                due = min(due, deadline)
         return due
 
 

@@ -1,7 +1,8 @@
 """The sans-I/O mesh core: gossip of node records, membership and liveness.
 
 Inputs: `link_up`/`link_down` (an admitted control link to a peer appeared or closed),
-`receive` (a control message from a linked peer), `tick` (timers), `update_self`, `leave`.
+`receive` (a control message from a linked peer), `report_failure` and `peer_refused` (death
+hints: a failed request, a refused packet), `tick` (timers), `update_self`, `leave`.
 Outputs: `outbox()` (messages to send, per peer), `next_event()` (events such as `PeerJoined`,
 and the commands `DialPeer`/`ClosePeer`), `next_deadline()` (when `tick` must run next). The
 shell drives it: after every input, drain events, send the outbox, re-arm one timer.
@@ -81,9 +82,17 @@ class MeshTimings:
     gossip_interval_s: float = 2.0
     gossip_fanout: int = 3
     heartbeat_interval_s: float = 1.0
-    suspect_after_s: float = 6.0
-    dead_after_s: float = 10.0
+    suspect_after_s: float = 3.0
+    dead_after_s: float = 5.0
     probe_timeout_s: float = 3.0
+    # Packets to a peer refused by its host (no process on the port): probe it this often, and
+    # declare it dead after `refusals_to_die` refused probes within `refusal_window_s`.
+    refusal_probe_interval_s: float = 0.25
+    refusal_window_s: float = 1.5
+    refusals_to_die: int = 3
+    # A gap between two ticks longer than this many heartbeat intervals was a stall of this
+    # node (its loop was blocked, or the machine suspended): not silence of its peers.
+    stall_heartbeats: float = 2.0
     dead_ttl_s: float = 300.0
     max_direct_peers: int = 64
     rtt_republish_ratio: float = 0.25
@@ -134,6 +143,7 @@ class MeshCore:
         self._next_heartbeat: float | None = None
         self._next_gossip: float | None = None
         self._deadline: float | None = None  # never later than the earliest due timer
+        self._last_tick: float | None = None
         self._buckets: list[int] | None = None  # cached bucket hashes of the version map
         self._self_conflicts = 0
         self._duplicate_reported = False
@@ -238,9 +248,31 @@ class MeshCore:
         self._arm(link.probe_deadline)
         self._after_input(now)
 
+    def peer_refused(self, peer: str, now: float) -> None:
+        """A packet to linked `peer` came back refused: its host has no process on the port
+        (ICMP port unreachable). A hint, not a verdict: probe it every refusal probe interval,
+        and declare it dead only after `refusals_to_die` refusals within the refusal window
+        with nothing heard from it meanwhile (any message from it clears them)."""
+        link = self._links.get(peer)
+        if link is None:
+            return
+        timings = self._timings
+        count = link.refused(now, timings.refusal_probe_interval_s, timings.refusal_window_s)
+        if count == 0:
+            return
+        if count >= timings.refusals_to_die:
+            span = now - link.refusals[0]
+            reason = f"{count} probes refused in {span:.1f} s (no process on its port)"
+            self._declare_dead(peer, now, reason, close=True, notice=reason)
+        elif link.refusal_probe_at is None:
+            link.refusal_probe_at = now + timings.refusal_probe_interval_s
+            self._arm(link.refusal_probe_at)
+        self._after_input(now)
+
     def tick(self, now: float) -> None:
         """Run every timer due at `now`: expiries, liveness, heartbeat, gossip, dials."""
         self._dead = {node: until for node, until in self._dead.items() if until > now}
+        self._forgive_stall(now)
         self._check_liveness(now)
         if not self._links:
             self._next_heartbeat = self._next_gossip = None
@@ -438,9 +470,22 @@ class MeshCore:
 
     # -- timers ------------------------------------------------------------------------------
 
+    def _forgive_stall(self, now: float) -> None:
+        """Links tick at least every heartbeat interval; a much longer gap since the previous
+        tick means this node was stalled, and its peers' silence during it is not theirs."""
+        interval = self._timings.heartbeat_interval_s
+        previous, self._last_tick = self._last_tick, now
+        if previous is None or now - previous <= self._timings.stall_heartbeats * interval:
+            return
+        for link in self._links.values():
+            link.forgive_stall(now - previous - interval, now)
+
     def _check_liveness(self, now: float) -> None:
         timings = self._timings
         for peer, link in list(self._links.items()):
+            if link.refusal_probe_at is not None and now >= link.refusal_probe_at:
+                link.refusal_probe_at = None
+                self._ping(peer, link, now)
             silence = now - link.last_heard
             if silence >= timings.dead_after_s:
                 reason = f"silent for {silence:.1f} s"

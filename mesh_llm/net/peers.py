@@ -101,7 +101,13 @@ class PeerManager:
     async def bind(self, host: str, port: int) -> int:
         """Bind the UDP socket (before the invite token is printed); returns the port."""
         self._endpoint = await QuicEndpoint.bind(
-            self._identity, host, port, self._on_stream, lambda _conn: None, self._timings
+            self._identity,
+            host,
+            port,
+            self._on_stream,
+            lambda _conn: None,
+            self._timings,
+            on_refused=self._refused,
         )
         return self._endpoint.port
 
@@ -183,6 +189,13 @@ class PeerManager:
             self._pump()
         elif self._puller is not None:
             self._puller.report_failure(NodeId(node_id))
+
+    def _refused(self, node_id: NodeId) -> None:
+        """A packet to `node_id` was refused by its host: a hint of process death."""
+        if self._core is not None and not self._stopping:
+            log.debug("a packet to %s was refused (port unreachable)", short_id(node_id))
+            self._core.peer_refused(node_id, asyncio.get_running_loop().time())
+            self._pump()
 
     def records(self) -> list[NodeRecord]:
         """Every live record this node knows, its own included (empty for a client)."""

@@ -36,6 +36,7 @@ from mesh_llm.config import NetConfig
 from mesh_llm.core.types import NodeId, short_id
 from mesh_llm.errors import PeerUnavailable, ProtocolError, StreamReset
 from mesh_llm.identity import NodeIdentity, make_self_signed_certificate, node_id_from_certificate
+from mesh_llm.net import refusals
 from mesh_llm.wire.messages import ALPN, RefuseCode, StreamType
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ MAX_STREAM_BUFFER_BYTES = 4 * 1024 * 1024
 
 StreamHandler = Callable[["QuicPeerConnection", StreamType, "QuicStream"], Awaitable[None]]
 StreamOpened = Callable[["QuicPeerConnection", "QuicStream"], None]
+Refused = Callable[[NodeId], None]
 
 
 class QuicStream:
@@ -266,6 +268,8 @@ class QuicEndpoint(asyncio.DatagramProtocol):
         self._accept_handler: Callable[[QuicPeerConnection], None] | None = None
         self._group: asyncio.TaskGroup | None = None  # one task per stream a peer opens
         self._pending: list[tuple[QuicPeerConnection, QuicStream]] = []
+        self._sock: socket.socket | None = None  # with IP_RECVERR: refused packets reported
+        self._on_refused: Refused | None = None
         certificate_pem, key_pem = make_self_signed_certificate(identity)
         self._certificate = x509.load_pem_x509_certificate(certificate_pem)
         self._private_key = serialization.load_pem_private_key(key_pem, password=None)
@@ -327,8 +331,10 @@ class QuicEndpoint(asyncio.DatagramProtocol):
         stream_handler: StreamHandler,
         on_accept: Callable[[QuicPeerConnection], None],
         timings: NetConfig | None = None,
+        on_refused: Refused | None = None,
     ) -> QuicEndpoint:
-        """Bind the UDP socket; `timings`: the idle and stream-type timeouts (defaults)."""
+        """Bind the UDP socket; `timings`: the idle and stream-type timeouts (defaults);
+        `on_refused`: called with an admitted peer whose host refused a packet sent to it."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
@@ -342,6 +348,8 @@ class QuicEndpoint(asyncio.DatagramProtocol):
             lambda: cls(identity, stream_handler, timings or NetConfig()), sock=sock
         )
         endpoint._accept_handler = on_accept
+        if on_refused is not None and refusals.enable(sock):
+            endpoint._sock, endpoint._on_refused = sock, on_refused
         return endpoint
 
     @property
@@ -365,6 +373,21 @@ class QuicEndpoint(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def error_received(self, exc: Exception) -> None:
+        """A send or receive on the socket failed with a reported ICMP error: read them all."""
+        if self._sock is None or self._on_refused is None:
+            return
+        refused = set(refusals.drain(self._sock))
+        peers = {
+            c.admitted_id
+            for c in set(self._connections.values())
+            if c.admitted_id is not None
+            and c.remote_addr is not None
+            and (str(c.remote_addr[0]), int(c.remote_addr[1])) in refused
+        }
+        for peer in peers:
+            self._on_refused(peer)
 
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
         try:

@@ -135,3 +135,34 @@ async def test_garbage_after_admission_closes_only_that_connection(
             await joiner.stop()
     finally:
         endpoint.close()
+
+
+async def test_a_peer_whose_port_closed_without_a_word_is_dead_from_refused_probes(
+    seed: tuple[Running, InviteToken], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `kill -9` in miniature: the joiner's UDP socket closes, nothing is sent. The node's
+    packets to it come back as ICMP port unreachable; its probes decide, well before the
+    silence threshold."""
+    node, token = seed
+    joiner = Running(node.peers._mesh, (token,))
+    await joiner.start()
+    gone = joiner.identity.node_id
+    await wait_until(lambda: gone in node.peer_ids(), "joined")
+    endpoint = joiner.peers._endpoint
+    assert endpoint is not None and endpoint._transport is not None
+    loop = asyncio.get_running_loop()
+    transport = endpoint._transport
+    with caplog.at_level("INFO"):
+        # The process is gone: its port closes and it sends nothing more (no CONNECTION_CLOSE,
+        # no Leaving, not even when its tasks end below).
+        transport.sendto = lambda data, addr=None: None
+        transport.abort()
+        closed = loop.time()
+        await wait_until(lambda: gone not in node.peer_ids(), "refused probes make it dead")
+        detected_s = loop.time() - closed
+    assert joiner.task is not None
+    joiner.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await joiner.task
+    assert "no process on its port" in caplog.text
+    assert detected_s < MeshTimings().dead_after_s, f"{detected_s:.2f} s: found by silence"

@@ -4,11 +4,13 @@ who keeps serving, when the mesh re-merges, which requests failed."""
 
 from __future__ import annotations
 
+import signal
 import time
 from functools import partial
 
 import pytest
 
+from mesh_llm.core.mesh import MeshTimings
 from tests.e2e.harness import wait_until
 from tests.e2e.models import GEMMA, SMOLLM2
 from tests.multihost.labmesh import (
@@ -25,8 +27,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.multihost]
 READY_TIMEOUT_S = 300.0
 JOIN_TIMEOUT_S = 60.0
 PARTITION_S = 30.0
-DEAD_AFTER_S = 10.0  # MeshTimings.dead_after_s: silence after which a peer is dead
+DEAD_AFTER_S = MeshTimings().dead_after_s  # silence after which a peer is dead
 DETECTION_BOUND_S = DEAD_AFTER_S + 10.0  # plus a loaded 2-core machine's slack
+LINK_LOSS_GOAL_S = 6.0  # a host lost without FIN: dead on every survivor within this
+PROCESS_DEATH_GOAL_S = 2.0  # a killed process (its host refuses the probes)
+POLL_SLACK_S = 1.5  # status polls through `ip netns exec` on a loaded 2-core machine
 # The join loop's backoff reaches 8-16 s (×0.5–1.5 jitter) during a 30 s partition.
 REMERGE_TIMEOUT_S = 75.0
 
@@ -123,3 +128,28 @@ def test_host_lost_without_fin_under_load(lab: Lab, mesh: LabMesh) -> None:
     )
     assert before[0] == 0 and before[1] > 0
     assert after[1] > 0 and after[0] == 0, "requests started after detection must succeed"
+    assert max(a_dead_s, c_dead_s) <= LINK_LOSS_GOAL_S + POLL_SLACK_S
+
+
+def test_a_killed_process_is_dead_on_every_survivor_within_2_s(lab: Lab, mesh: LabMesh) -> None:
+    a, b, c = lab.add_host("a"), lab.add_host("b"), lab.add_host("c")
+    seed, token = mesh.seed(a, "--model", SMOLLM2.catalog)
+    standby = mesh.start(b, "--join", token)
+    victim = mesh.start(c, "--join", token)
+    ids = {n.node_id() for n in (seed, standby, victim)}
+    for node in (seed, standby, victim):
+        wait_until(partial(_sees, node, ids - {node.node_id()}), JOIN_TIMEOUT_S, "a full mesh")
+    victim_id = victim.node_id()
+    victim.signal(signal.SIGKILL)
+    victim.wait_exit()
+    killed = time.monotonic()
+    wait_until(
+        lambda: _buried(seed, {victim_id}) and _buried(standby, {victim_id}),
+        DETECTION_BOUND_S,
+        "every survivor to mark the killed node dead",
+    )
+    detected_s = time.monotonic() - killed
+    print(f"kill -9 across hosts: every survivor marked it dead after {detected_s:.2f} s")
+    for survivor in (seed, standby):
+        assert "no process on its port" in survivor.log_text()
+    assert detected_s <= PROCESS_DEATH_GOAL_S + POLL_SLACK_S

@@ -21,7 +21,7 @@ from mesh_llm.wire.messages import (
     Want,
 )
 
-from .helpers import events, linked, make_core, nid, pump, record, sent, sent_to
+from .helpers import TIMINGS, events, linked, make_core, nid, pump, record, sent, sent_to
 
 DIAL_BACKOFF_S = MeshTimings().dial_backoff_s
 DIAL_GRACE_S = MeshTimings().dial_grace_s
@@ -117,7 +117,7 @@ def test_a_round_is_one_root_summary_and_a_mismatch_narrows_to_one_bucket() -> N
     a.link_up(nid("2"), 0.0)
     b.link_up(nid("1"), 0.0)
     pump({nid("1"): a, nid("2"): b}, 0.0)
-    a.tick(5.0)  # a gossip round: a root summary to b
+    a.tick(TIMINGS.gossip_interval_s)  # a gossip round: a root summary to b
     summary = [m for m in sent_to(a, nid("2")) if isinstance(m, Digest)]
     assert len(summary) == 1 and set(summary[0].versions) == {SUMMARY_KEY}
     b.receive(nid("1"), summary[0], 5.0)
@@ -209,7 +209,7 @@ def test_the_higher_id_waits_for_the_lower_to_dial() -> None:
 
 
 def test_no_dial_beyond_max_direct_peers() -> None:
-    timings = MeshTimings(max_direct_peers=3)
+    timings = MeshTimings(max_direct_peers=3, suspect_after_s=30.0, dead_after_s=60.0)
     core = make_core("1", timings=timings)
     linked(core, "0")
     core.receive(nid("0"), Records(tuple(record(c) for c in "56789")), 0.0)

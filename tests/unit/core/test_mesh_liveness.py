@@ -46,38 +46,56 @@ def test_heartbeat_pings_every_linked_peer_each_interval() -> None:
     assert sent_to(core, nid("2")) == [Pong(41)]
 
 
-def test_silence_makes_a_peer_suspect_at_6_s_and_dead_at_10_s() -> None:
+def test_silence_makes_a_peer_suspect_then_dead() -> None:
+    suspect_at, dead_at = TIMINGS.suspect_after_s, TIMINGS.dead_after_s
     core = known(make_core("1"), "2", "3")
     core.receive(nid("3"), Digest({}), 0.0)
-    for now in (1.0, 2.0, 3.0, 4.0, 5.0, 5.99):
+    now = 0.0
+    while now + 0.5 < suspect_at:
+        now += 0.5
         core.tick(now)
         core.receive(nid("3"), Pong(0), now)  # "3" keeps talking, "2" is silent
+    core.tick(suspect_at - 0.01)
     assert events(core) == []
-    core.tick(6.0)
+    core.tick(suspect_at)
+    core.receive(nid("3"), Pong(0), suspect_at)
     assert events(core) == [PeerSuspected(nid("2"))]
     assert core.peer_state(nid("2")) == "suspect"
-    core.tick(9.99)
+    now = suspect_at
+    while now + 0.5 < dead_at:
+        now += 0.5
+        core.tick(now)
+        core.receive(nid("3"), Pong(0), now)
+    core.tick(dead_at - 0.01)
     assert events(core) == []
     sent(core)
-    core.tick(10.0)
-    assert events(core) == [
-        PeerLost(nid("2"), "silent for 10.0 s"),
-        ClosePeer(nid("2"), "silent for 10.0 s"),
-    ]
+    core.tick(dead_at)
+    reason = f"silent for {dead_at:.1f} s"
+    assert events(core) == [PeerLost(nid("2"), reason), ClosePeer(nid("2"), reason)]
     assert nid("2") not in core.records() and core.peer_state(nid("2")) is None
     assert nid("2") in core.dead_peers()
     notices = [(to, m) for to, m in sent(core) if isinstance(m, PeerDown)]
-    assert notices == [(nid("3"), PeerDown(nid("2"), "silent for 10.0 s"))]
+    assert notices == [(nid("3"), PeerDown(nid("2"), reason))]
+
+
+def test_the_defaults_meet_the_detection_goals() -> None:
+    """A link lost without FIN is dead within 6 s of its last message, and a peer is suspect
+    before that; a refused peer takes at most the refusal window."""
+    assert TIMINGS.suspect_after_s < TIMINGS.dead_after_s <= 6.0
+    probes_needed = (TIMINGS.refusals_to_die - 1) * TIMINGS.refusal_probe_interval_s
+    assert probes_needed < TIMINGS.refusal_window_s <= 2.0
 
 
 def test_any_message_recovers_a_suspect_peer() -> None:
     core = known(make_core("1"), "2")
-    core.tick(6.5)
+    core.tick(TIMINGS.suspect_after_s + 0.5)
     assert events(core) == [PeerSuspected(nid("2"))]
-    core.receive(nid("2"), Digest({}), 7.0)
+    heard_at = TIMINGS.suspect_after_s + 1.0
+    core.receive(nid("2"), Digest({}), heard_at)
     assert events(core) == [PeerRecovered(nid("2"))]
-    core.tick(12.0)
-    assert events(core) == []  # the silence counts from 7.0 now
+    core.tick(heard_at + TIMINGS.heartbeat_interval_s)
+    core.tick(heard_at + TIMINGS.suspect_after_s - 0.1)
+    assert events(core) == []  # the silence counts from heard_at now
 
 
 def test_link_down_drops_the_peer_at_once_and_notifies_the_others() -> None:
@@ -111,9 +129,11 @@ def test_a_peer_down_notice_about_a_reachable_peer_is_verified_and_fails() -> No
 def test_a_peer_down_notice_about_an_unreachable_peer_drops_it_after_the_probe() -> None:
     core = known(make_core("1"), "2", "3")
     core.receive(nid("2"), PeerDown(nid("3"), "silent"), 1.0)
+    core.tick(1.0 + TIMINGS.probe_timeout_s / 2)
+    core.receive(nid("2"), Pong(0), 1.0 + TIMINGS.probe_timeout_s / 2)
     core.tick(1.0 + TIMINGS.probe_timeout_s - 0.01)
-    core.receive(nid("2"), Pong(0), 3.9)
-    assert events(core) == []
+    core.receive(nid("2"), Pong(0), 1.0 + TIMINGS.probe_timeout_s - 0.01)
+    assert not [e for e in events(core) if not isinstance(e, PeerSuspected)]
     sent(core)
     core.tick(1.0 + TIMINGS.probe_timeout_s)
     lost, close = events(core)
@@ -126,10 +146,12 @@ def test_a_peer_down_notice_about_an_unreachable_peer_drops_it_after_the_probe()
 
 def test_a_peer_down_notice_about_a_suspect_peer_drops_it_at_once() -> None:
     core = known(make_core("1"), "2", "3")
-    core.tick(6.0)
-    core.receive(nid("2"), Pong(0), 6.0)
+    suspect_at = TIMINGS.suspect_after_s
+    for now in (suspect_at / 2, suspect_at):
+        core.tick(now)
+        core.receive(nid("2"), Pong(0), now)
     events(core)
-    core.receive(nid("2"), PeerDown(nid("3"), "silent"), 6.5)
+    core.receive(nid("2"), PeerDown(nid("3"), "silent"), suspect_at + 0.5)
     assert [type(e) for e in events(core)] == [PeerLost, ClosePeer]
 
 
@@ -316,3 +338,82 @@ def test_a_new_link_to_a_peer_never_buried_keeps_the_dead_marks() -> None:
     assert set(core.dead_peers()) == {nid("2")}
     core.receive(nid("4"), Records((record("2", 5),)), 2.0)
     assert nid("2") not in core.records()
+
+
+# -- refused packets: a process death hint that probes confirm ------------------------------
+
+
+def refused_probes(core: MeshCore, peer: str, start: float, count: int) -> float:
+    """Refuse `count` probes to `peer` as the core sends them; the time of the last."""
+    now = start
+    core.peer_refused(nid(peer), now)
+    for _ in range(count - 1):
+        due = core.next_deadline()
+        assert due is not None and due <= now + TIMINGS.refusal_probe_interval_s
+        now += TIMINGS.refusal_probe_interval_s
+        core.tick(now)
+        assert any(isinstance(m, Ping) for m in sent_to(core, nid(peer))), "a probe is sent"
+        core.peer_refused(nid(peer), now)
+    return now
+
+
+def test_refused_probes_make_a_peer_dead_within_the_refusal_window() -> None:
+    core = known(make_core("1"), "2", "3")
+    last = refused_probes(core, "2", 1.1, TIMINGS.refusals_to_die)
+    assert last - 1.1 < TIMINGS.refusal_window_s
+    lost, close = events(core)
+    assert isinstance(lost, PeerLost) and lost.node_id == nid("2") and "refused" in lost.reason
+    assert isinstance(close, ClosePeer)
+    assert [(to, m) for to, m in sent(core) if isinstance(m, PeerDown)] == [
+        (nid("3"), PeerDown(nid("2"), lost.reason))
+    ]
+
+
+def test_one_burst_of_refusals_is_one_hint_not_a_verdict() -> None:
+    core = known(make_core("1"), "2")
+    for i in range(10):  # a ping, its retransmissions and an ACK, all refused at once
+        core.peer_refused(nid("2"), 1.0 + i * 0.001)
+    assert events(core) == []
+    assert core.peer_state(nid("2")) == "alive"
+
+
+def test_a_message_from_the_peer_clears_its_refusals() -> None:
+    core = known(make_core("1"), "2")
+    last = refused_probes(core, "2", 1.1, TIMINGS.refusals_to_die - 1)
+    core.receive(nid("2"), Pong(0), last + 0.01)  # it answered after all (it restarted)
+    refused_probes(core, "2", last + 0.1, TIMINGS.refusals_to_die - 1)
+    assert events(core) == []
+
+
+def test_refusals_further_apart_than_the_window_give_no_verdict() -> None:
+    core = known(make_core("1"), "2")
+    spacing = TIMINGS.refusal_window_s / (TIMINGS.refusals_to_die - 1) + 0.01
+    for i in range(5):
+        now = 0.1 + i * spacing
+        core.peer_refused(nid("2"), now)
+    assert not [e for e in events(core) if isinstance(e, PeerLost)]
+
+
+def test_refusals_from_an_unlinked_peer_are_ignored() -> None:
+    core = known(make_core("1"), "2")
+    core.peer_refused(nid("9"), 1.0)
+    assert events(core) == [] and sent(core) == []
+
+
+# -- a stall of this node is not its peers' silence ---------------------------------------
+
+
+def test_a_stall_of_this_node_is_not_counted_as_silence() -> None:
+    core = known(make_core("1"), "2")
+    core.tick(1.0)
+    core.receive(nid("2"), Pong(0), 1.0)
+    stalled_until = 1.0 + TIMINGS.dead_after_s + 5.0  # the loop was blocked, then ticks late
+    core.tick(stalled_until)
+    assert events(core) == []
+    assert core.peer_state(nid("2")) == "alive"
+    # Still silent after the stall: dead once the silence since the stall is long enough.
+    now = stalled_until
+    while not [e for e in events(core) if isinstance(e, PeerLost)]:
+        now += 0.5
+        core.tick(now)
+        assert now - stalled_until <= TIMINGS.dead_after_s + TIMINGS.heartbeat_interval_s
