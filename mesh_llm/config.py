@@ -150,6 +150,10 @@ class NetConfig:
     fast_lane_max_waiting: int = 1024
     fast_lane_log_lines_per_s: int = 10
     close_timeout_s: float = 5.0  # waiting for a closed connection to let go (TLS close)
+    # -- relays (net/relay.py) --
+    # API requests to a node with no direct link go through a node both reach (False: never).
+    relay: bool = True
+    relay_handshake_timeout_s: float = 5.0  # reaching the target through a relay, sealed
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,6 +110,8 @@ DESCRIPTIONS: dict[str, str] = {
     "mesh.suspect_after_s": "silence before a peer is suspected (seconds)",
     "mesh.dead_after_s": "silence before a peer is declared dead (seconds)",
     "mesh.probe_timeout_s": "a direct probe after a failed request or a peer-down notice (s)",
+    "net.relay": "API requests to a node with no direct link go through a node both reach",
+    "net.relay_handshake_timeout_s": "reaching a node through a relay, sealed end to end (s)",
     "mesh.refusal_probe_interval_s": "probe period of a peer whose packets are refused (s)",
     "mesh.refusal_window_s": "refused probes within this make a peer dead (seconds)",
     "mesh.refusals_to_die": "refused probes (ICMP port unreachable) that make a peer dead",

@@ -58,6 +58,7 @@ from mesh_llm.models.resolve import list_local_models
 from mesh_llm.net.fastlane import FastLaneServer
 from mesh_llm.net.http_peer import HttpPeerClient, PeerResponse
 from mesh_llm.net.peers import PeerManager
+from mesh_llm.net.relay import RelayHop
 from mesh_llm.net.transport import PeerTransport, StreamHandlers, start_fast_lane_server
 from mesh_llm.net.tunnel import RpcTunnels, rpc_worker_handler
 from mesh_llm.node_status import NodeFacts, status_document
@@ -99,6 +100,7 @@ class Node:
         self._handlers = StreamHandlers()  # who answers other nodes' RPC and HTTP streams
         self._transport: PeerTransport | None = None
         self._http: HttpPeerClient | None = None  # API requests to other hosts
+        self._relay: RelayHop | None = None  # streams through a node both ends reach
         self.api_url = f"http://{config.api.host}:{config.api.port}/v1"
         self._shutdown: asyncio.Event | None = None
         self._proxy: Proxy | None = None  # the API's router, shared by the console's chat
@@ -166,6 +168,7 @@ class Node:
             "fast_lane_port": self._fast_lane.port if self._fast_lane is not None else None,
             "rpc_tunnels": self._tunnels.snapshot() if self._tunnels is not None else [],
             "api_lanes": self._http.snapshot() if self._http is not None else None,
+            "relay": self._relay.snapshot() if self._relay is not None else None,
         }
         plan = self._placement.plan if self._placement is not None else None
         statuses = self.model_statuses()
@@ -201,7 +204,7 @@ class Node:
             on_change=self._on_mesh_change,
         )
         port = await self.peers.bind(config.net.bind_host, config.net.bind_port)
-        self._transport, self._http = self._peer_transport(self.peers)
+        self._transport, self._http = self._peer_transport(self.peers, mesh)
         addrs = (*config.net.advertise, *(format_addr(ip, port) for ip in _local_addresses()))
         if core is not None:
             await self._start_fast_lane()
@@ -281,17 +284,30 @@ class Node:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _peer_transport(self, peers: PeerManager) -> tuple[PeerTransport, HttpPeerClient]:
-        """How this node reaches peers, and its pool for API requests to other hosts."""
+    def _peer_transport(
+        self, peers: PeerManager, mesh: MeshSecret
+    ) -> tuple[PeerTransport, HttpPeerClient]:
+        """How this node reaches peers (directly, or through a relay), and its pool for API
+        requests to other hosts."""
         assert self.identity is not None
         net = self._config.net
         fast = {StreamType.RPC} | ({StreamType.HTTP} if net.api_fast_lane else set())
+        self._relay = RelayHop(
+            self.identity,
+            mesh,
+            peers,
+            self._handlers.accept,
+            handshake_timeout_s=net.relay_handshake_timeout_s,
+        )
+        self._handlers.serve(StreamType.RELAY, self._relay.serve_relay)
+        self._handlers.serve(StreamType.RELAYED, self._relay.serve_relayed)
         transport = PeerTransport(
             self.identity,
             peers,
             fast_lane_purposes=frozenset(fast),
             connect_timeout_s=net.fast_lane_connect_timeout_s,
             fast_lane_retry_s=net.fast_lane_retry_s,
+            relay=self._relay if net.relay else None,
         )
         client = HttpPeerClient(
             transport,

@@ -80,16 +80,23 @@ def show_status(config: Config, console: Console, *, as_json: bool) -> int:
 
 def _show_api_lanes(console: Console, lanes: dict[str, Any] | None) -> None:
     """API requests this node sent to other hosts, per lane (fast = TCP+TLS, quic)."""
-    if not lanes or not (lanes["fast"] or lanes["quic"] or lanes["quic_for_now"]):
+    relayed: dict[str, str] = lanes.get("relayed_for_now", {}) if lanes else {}
+    if not lanes or not (lanes["fast"] or lanes["quic"] or lanes["quic_for_now"] or relayed):
         return
     line = (
         f"API requests to other hosts: {lanes['fast']} over the fast lane, "
-        f"{lanes['quic']} over QUIC"
+        f"{lanes['quic']} over QUIC, {lanes.get('relay', 0)} through a relay"
     )
+    reasons = lanes.get("reasons", {})
     if lanes["quic_for_now"]:
-        reasons = lanes.get("reasons", {})
         hosts = [f"{h}: {reasons[h]}" if reasons.get(h) else h for h in lanes["quic_for_now"]]
         line += f" (on QUIC for now: {'; '.join(hosts)})"
+    if relayed:
+        hosts = [
+            f"{h} through {via}" + (f": {reasons[h]}" if reasons.get(h) else "")
+            for h, via in relayed.items()
+        ]
+        line += f" (relayed for now: {'; '.join(hosts)})"
     console.print(line, highlight=False)
 
 

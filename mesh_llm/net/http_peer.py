@@ -119,7 +119,7 @@ class HttpPeerClient:
         self._finish_s = finish_s
         self._idle: dict[NodeId, list[_Pooled]] = {}
         self._group: asyncio.TaskGroup | None = None
-        self.sent: dict[Lane, int] = {"fast": 0, "quic": 0}
+        self.sent: dict[Lane, int] = {"fast": 0, "quic": 0, "relay": 0}
 
     async def run(self) -> None:
         """Own the background reads of `finish()` until cancelled; then close idle streams."""
@@ -161,11 +161,16 @@ class HttpPeerClient:
     def snapshot(self) -> dict[str, object]:
         """For /api/status: requests sent over each lane, and hosts on QUIC for now (why)."""
         down = self._transport.on_quic_for_now()
+        relayed = self._transport.relayed_now()
         return {
             "fast": self.sent["fast"],
             "quic": self.sent["quic"],
+            "relay": self.sent["relay"],
             "quic_for_now": [short_id(peer) for peer in down],
-            "reasons": {short_id(peer): self._transport.reason_of(peer) for peer in down},
+            "relayed_for_now": {short_id(p): short_id(via) for p, via in relayed.items()},
+            "reasons": {
+                short_id(peer): self._transport.reason_of(peer) for peer in [*down, *relayed]
+            },
         }
 
     def _take_idle(self, peer: NodeId) -> ByteStream | None:

@@ -312,10 +312,9 @@ class PeerManager:
                 await self._accept_control(connection, FramedChannel(stream))
             case StreamType.ROUTES:
                 await self._incoming.answer_routes(connection, FramedChannel(stream))
-            case StreamType.RPC | StreamType.HTTP:
+            case StreamType.RPC | StreamType.HTTP | StreamType.RELAY | StreamType.RELAYED:
                 peer = connection.admitted_id
-                members_only = kind is StreamType.RPC and self._core is None
-                if not connection.admitted or peer is None or members_only:
+                if not connection.admitted or peer is None or not self._may_open(peer, kind):
                     stream.reset(RefuseCode.PROTOCOL_ERROR)
                     return
                 if self._inbound is None:
@@ -324,6 +323,30 @@ class PeerManager:
                 await self._inbound(peer, kind, QuicByteStream(stream))
             case _:
                 assert_never(kind)
+
+    def _may_open(self, peer: NodeId, kind: StreamType) -> bool:
+        """A passive client serves nothing but API streams; only a member relays, and only a
+        member's stream may carry a relayed one to us."""
+        if kind is StreamType.HTTP:
+            return True
+        if self._core is None:
+            return False
+        return kind is not StreamType.RELAYED or peer in self._core.records()
+
+    def relay_candidates(self, target: NodeId) -> list[NodeId]:
+        """Linked nodes that may relay to `target`: those whose record shows an RTT to it
+        (they link it) first, then the other linked nodes."""
+
+        def links_target(node: NodeId) -> bool:
+            record = self.record_of(node)
+            return record is not None and target in record.rtt_ms
+
+        linked = [
+            link.node_id
+            for link in self._links
+            if link.node_id != target and not link.connection.is_closed
+        ]
+        return sorted(linked, key=lambda node: (not links_target(node), node))
 
     async def _accept_control(self, connection: QuicPeerConnection, channel: FramedChannel) -> None:
         if self._stopping:

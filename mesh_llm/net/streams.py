@@ -21,7 +21,7 @@ from mesh_llm.net.fastlane import close_and_wait
 from mesh_llm.net.quic import QuicStream
 from mesh_llm.wire.messages import RefuseCode
 
-Lane = Literal["fast", "quic"]
+Lane = Literal["fast", "quic", "relay"]
 READ_CHUNK_BYTES = 256 * 1024
 # A QUIC writer waits while more than this is written but unacknowledged. Below the receiver's
 # per-stream buffer cap (quic.MAX_STREAM_BUFFER_BYTES), which resets a stream that overflows.

@@ -7,7 +7,10 @@ admitted QUIC connection (`net/quic.py`), always there for a linked peer. `open`
 lane when the purpose may use it and the peer has one, and remembers a failed dial (one memory
 per peer, for every purpose) so that QUIC carries that peer's streams for
 `fast_lane_retry_s` before the fast lane is tried again. Each choice and its reason stays
-readable (`reason_of`) for status. A future relay hop through a third node plugs in here.
+readable (`reason_of`) for status. When a peer cannot be reached at all (no link, and none can
+be dialled: it is behind a NAT or a firewall), API streams go through a relay, a node both
+reach (`net/relay.py`), sealed end to end; the relay is kept for `fast_lane_retry_s` before a
+direct link is tried again.
 
 The serving side is `StreamHandlers`: one handler per purpose (`serve`); QUIC streams (from
 `net/peers.py`) and fast-lane connections (`start_fast_lane_server`) of that purpose go to
@@ -28,6 +31,7 @@ from mesh_llm.errors import PeerUnavailable, ProtocolError
 from mesh_llm.identity import NodeIdentity
 from mesh_llm.net.fastlane import FastLaneServer, fast_lane_connect
 from mesh_llm.net.quic import QuicPeerConnection
+from mesh_llm.net.relay import RELAYABLE
 from mesh_llm.net.streams import ByteStream, QuicByteStream, TcpByteStream
 from mesh_llm.wire.messages import NodeRecord, StreamType
 
@@ -50,6 +54,14 @@ class Links(Protocol):
         ...
 
     def record_of(self, node_id: NodeId) -> NodeRecord | None: ...
+
+
+class Relay(Protocol):
+    """What the transport needs of the relay hop (`RelayHop`)."""
+
+    via: dict[NodeId, NodeId]
+
+    async def open(self, target: NodeId, purpose: StreamType) -> ByteStream: ...
 
 
 class StreamHandlers:
@@ -82,6 +94,7 @@ class PeerTransport:
         fast_lane_purposes: frozenset[StreamType],
         connect_timeout_s: float,
         fast_lane_retry_s: float,
+        relay: Relay | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self._identity = identity
@@ -90,12 +103,24 @@ class PeerTransport:
         self._connect_timeout_s = connect_timeout_s
         self._retry_s = fast_lane_retry_s
         self._clock = clock
+        self._relay = relay
         self._down_until: dict[NodeId, float] = {}
+        self._relay_until: dict[NodeId, float] = {}  # no direct link lately: relay for now
         self._reasons: dict[NodeId, str] = {}
 
     async def open(self, peer: NodeId, purpose: StreamType) -> ByteStream:
         """A new stream of `purpose` to `peer`. Raises `PeerUnavailable`."""
-        connection = await self._links.connection_for(peer) if purpose in NEEDS_LINK else None
+        relayable = self._relay is not None and purpose in RELAYABLE
+        relay_for_now = self._clock() < self._relay_until.get(peer, 0.0)
+        if relayable and relay_for_now and self._links.connection_of(peer) is None:
+            return await self._open_relayed(peer, purpose, self.reason_of(peer))
+        try:
+            connection = await self._links.connection_for(peer) if purpose in NEEDS_LINK else None
+        except PeerUnavailable as exc:
+            if not relayable:
+                raise
+            return await self._open_relayed(peer, purpose, f"no direct link: {exc}")
+        self._relay_until.pop(peer, None)
         fast = await self._open_fast_lane(peer, purpose)
         if fast is not None:
             return fast
@@ -105,6 +130,26 @@ class PeerTransport:
             self._reasons[peer] = reason
             raise PeerUnavailable(f"{short_id(peer)}: {reason}")
         return QuicByteStream(await connection.open_stream(purpose))
+
+    async def _open_relayed(self, peer: NodeId, purpose: StreamType, why: str) -> ByteStream:
+        assert self._relay is not None
+        stream = await self._relay.open(peer, purpose)
+        if self._clock() >= self._relay_until.get(peer, 0.0):
+            log.info(
+                "%s cannot be reached directly (%s); relaying through %s for %.0f s",
+                short_id(peer),
+                why,
+                short_id(self._relay.via[peer]),
+                self._retry_s,
+            )
+            self._relay_until[peer] = self._clock() + self._retry_s
+        self._reasons[peer] = why
+        return stream
+
+    def relayed_now(self) -> dict[NodeId, NodeId]:
+        """Peers reached through a relay for now, and the relay of each."""
+        now, via = self._clock(), self._relay.via if self._relay is not None else {}
+        return {p: via[p] for p, until in self._relay_until.items() if until > now and p in via}
 
     def reason_of(self, peer: NodeId) -> str:
         """Why streams to `peer` go over QUIC ("" while the fast lane carries them)."""

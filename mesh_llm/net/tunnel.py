@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 CHUNK_BYTES = 256 * 1024
 
-Lane = Literal["fast", "quic", "none"]
+# The lane of a tunnel's stream, or none ("relay" never: RPC streams are not relayed).
+Lane = Literal["fast", "quic", "relay", "none"]
 
 
 class Dialer(Protocol):

@@ -26,6 +26,8 @@ class StreamType(IntEnum):
     RPC = 0x02
     HTTP = 0x04
     ROUTES = 0x05
+    RELAY = 0x06  # to a relay: carry this stream to another node (net/relay.py)
+    RELAYED = 0x07  # from a relay: a stream another node opened to us through it
 
 
 class RefuseCode(IntEnum):
@@ -41,6 +43,7 @@ class RefuseCode(IntEnum):
     TIMEOUT = 8
     SHUTTING_DOWN = 9
     UNKNOWN_STREAM = 10
+    NO_ROUTE = 11  # a relay has no link to the node asked for
 
 
 class Role(StrEnum):

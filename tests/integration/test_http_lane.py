@@ -198,7 +198,7 @@ async def test_requests_cross_the_lane_on_one_reused_connection(lane: Lane) -> N
             assert resp.headers["X-Request-Id"] == "lane-1"
             assert (await resp.json())["choices"][0]["message"]["content"] == CHAT_REPLY
     assert lane.fake.requests[-1].headers["X-Request-Id"] == "lane-1"
-    assert lane.lanes.sent == {"fast": 3, "quic": 0}
+    assert lane.lanes.sent == {"fast": 3, "quic": 0, "relay": 0}
     assert len(lane.connections) == 1  # the pool reused the one connection
 
 

@@ -194,5 +194,5 @@ async def test_the_pool_returns_to_the_fast_lane_once_the_retry_time_passed() ->
         for body in (b"4", b"5"):
             assert await exchange(client, peer, body) == ("fast", b"ok:" + body)
         assert len(quic.opened) == 1 and fast_connections == [requester.node_id]
-        assert client.sent == {"fast": 3, "quic": 2}
+        assert client.sent == {"fast": 3, "quic": 2, "relay": 0}
         assert transport.on_quic_for_now() == []
