@@ -97,6 +97,32 @@ def chat(node: NetnsMeshProcess, model: str, max_tokens: int = 8) -> dict[str, A
     return node.host.call(send)
 
 
+def stream_timing(node: NetnsMeshProcess, model: str, max_tokens: int = 64) -> tuple[float, float]:
+    """One streamed completion through `node`'s API: (time to first token in s, tokens/s
+    after it), counting content events."""
+    body = json.dumps(
+        {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True}
+    ).encode()
+
+    def send() -> tuple[float, float]:
+        request = urllib.request.Request(
+            node.base_url + "/v1/completions",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        started = time.monotonic()
+        stamps: list[float] = []
+        with urllib.request.urlopen(request, timeout=CHAT_TIMEOUT_S) as response:
+            for line in response:
+                if line.startswith(b"data: {") and b'"text":""' not in line:
+                    stamps.append(time.monotonic())
+        assert len(stamps) >= 2, f"only {len(stamps)} tokens streamed"
+        return stamps[0] - started, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    assert node.host is not None
+    return node.host.call(send)
+
+
 def chat_ok(node: NetnsMeshProcess, model: str) -> bool:
     """True when a chat through `node` for `model` is answered with tokens."""
     try:
