@@ -172,8 +172,10 @@ class ChatLoad:
     """Steady chat load through one node: `workers` threads inside its namespace, each sending
     one chat after another until `stop()`; every outcome is kept as (start, end, ok)."""
 
-    def __init__(self, node: NetnsMeshProcess, model: str, workers: int = 2) -> None:
-        self.node, self.model = node, model
+    def __init__(
+        self, node: NetnsMeshProcess, model: str, workers: int = 2, max_tokens: int = 4
+    ) -> None:
+        self.node, self.model, self.max_tokens = node, model, max_tokens
         self.outcomes: list[tuple[float, float, bool]] = []
         self._stop = threading.Event()
         assert node.host is not None
@@ -192,7 +194,7 @@ class ChatLoad:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                ok = _chat_here(self.node, self.model, LOAD_CHAT_TIMEOUT_S)
+                ok = _chat_here(self.node, self.model, LOAD_CHAT_TIMEOUT_S, self.max_tokens)
             except urllib.error.HTTPError as exc:
                 exc.close()
                 ok = False
@@ -219,9 +221,9 @@ class ChatLoad:
         return window.count(False), len(window)
 
 
-def _chat_here(node: NetnsMeshProcess, model: str, timeout_s: float) -> bool:
+def _chat_here(node: NetnsMeshProcess, model: str, timeout_s: float, max_tokens: int) -> bool:
     body = json.dumps(
-        {"model": model, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4}
+        {"model": model, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": max_tokens}
     ).encode()
     request = urllib.request.Request(
         node.base_url + "/v1/chat/completions",
