@@ -32,7 +32,7 @@ export function renderTopology(view, highlighted) {
     ` — host ${short(g.host)}, rpc workers ${g.workers.map(short).join(", ")}`,
     g.tensor_split.length ? ` · tensor split ${g.tensor_split.map((r) => r.toFixed(2)).join(" / ")}` : "")));
   const links = view.links.map((l) => el("li", { dataset: { a: l.a, b: l.b } },
-    `${short(l.a)} ↔ ${short(l.b)} · ${l.rtt_ms} ms · ${l.carries.length ? l.carries.join(" + ") : "gossip"} · ${l.lane}`));
+    `${short(l.a)} ↔ ${short(l.b)} · ${l.rtt_ms === null ? "no direct link" : `${l.rtt_ms} ms`} · ${l.carries.length ? l.carries.join(" + ") : "gossip"} · ${l.lane}`));
   replaceChildren(document.getElementById("links"), links.length ? links : [el("li", { text: "no links yet" })]);
   const clients = view.clients;
   const parts = [];

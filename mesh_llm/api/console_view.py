@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mesh_llm.core.types import NodeId, short_id
 from mesh_llm.wire.messages import NodeRecord
 
 GONE_STATES = frozenset({"dead", "left"})
@@ -170,7 +171,26 @@ def _links(members: Sequence[Json], status: Mapping[str, Any]) -> list[Json]:
             links.append(
                 {"a": a, "b": b, "rtt_ms": round(min(rtts), 1), "carries": carries, "lane": lane}
             )
-    return links
+    return links + _relayed_links(by_id, status, self_id)
+
+
+def _relayed_links(
+    by_id: Mapping[str, Json], status: Mapping[str, Any], self_id: str
+) -> list[Json]:
+    """This node's API requests to hosts it reaches only through a relay: one link each."""
+    relayed = (status.get("api_lanes") or {}).get("relayed_for_now", {})
+    full = {short_id(NodeId(node_id)): node_id for node_id in by_id}
+    return [
+        {
+            "a": self_id,
+            "b": full[target],
+            "rtt_ms": None,
+            "carries": ["API"],
+            "lane": f"relay via {via}",
+        }
+        for target, via in sorted(relayed.items())
+        if target in full and self_id
+    ]
 
 
 def _groups(members: Sequence[Json], status: Mapping[str, Any]) -> list[Json]:

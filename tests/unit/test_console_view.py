@@ -130,3 +130,20 @@ async def test_close_wakes_waiting_subscribers() -> None:
         async with asyncio.timeout(1):
             assert await waiting is None
     assert hub.closed
+
+
+def test_a_host_reached_through_a_relay_is_linked_as_such() -> None:
+    serving = {"m": {"role": "host", "ready": True, "host": C}}
+    status = _status(
+        records=[_record(A, 8, rtt_ms={B: 1.0}), _record(B, 8), _record(C, 8, serving=serving)],
+        peers=[{"node_id": B, "state": "alive"}, {"node_id": C, "state": "known"}],
+        api_lanes={"relayed_for_now": {C[:10]: B[:10]}},
+    )
+    links = console_view(status)["links"]
+    assert {
+        "a": A,
+        "b": C,
+        "rtt_ms": None,
+        "carries": ["API"],
+        "lane": f"relay via {B[:10]}",
+    } in links
