@@ -155,7 +155,7 @@ async def test_a_peer_whose_port_closed_without_a_word_is_dead_from_refused_prob
     with caplog.at_level("INFO"):
         # The process is gone: its port closes and it sends nothing more (no CONNECTION_CLOSE,
         # no Leaving, not even when its tasks end below).
-        transport.sendto = lambda data, addr=None: None
+        transport.sendto = lambda data, addr=None: None  # type: ignore[method-assign]
         transport.abort()
         closed = loop.time()
         await wait_until(lambda: gone not in node.peer_ids(), "refused probes make it dead")
