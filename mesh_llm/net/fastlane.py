@@ -36,6 +36,7 @@ from mesh_llm.net.fastlane_auth import (
     prove_client,
     server_context,
 )
+from mesh_llm.tasks import OwnedTasks
 from mesh_llm.wire.messages import StreamType
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class FastLaneServer:
         )
         self._context: ssl.SSLContext | None = None
         self._server: asyncio.Server | None = None
-        self._group: asyncio.TaskGroup | None = None  # one task per connection, see `run()`
+        self._tasks = OwnedTasks()  # one task per connection, see `run()`
         self._early: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.waiting = 0  # connections accepted, not yet authenticated (tests read these)
         self.pending = 0  # of those, in their TLS handshake or key proof (holding a slot)
@@ -147,19 +148,17 @@ class FastLaneServer:
     async def run(self) -> None:
         """Serve connections until cancelled; then stop listening and end every one."""
         try:
-            async with asyncio.TaskGroup() as group:
-                self._group = group
-                for reader, writer in self._early:
-                    group.create_task(self._serve(reader, writer))
-                self._early.clear()
-                try:
-                    await asyncio.Event().wait()  # until cancelled
-                finally:
-                    self._stop_listening()  # no new connection while the group ends
+            # No new connection while the group ends: stop listening when cancelled.
+            await self._tasks.hold(on_start=self._serve_early, on_stop=self._stop_listening)
         finally:
-            self._group = None
             self._stop_listening()
             self._failures.flush()
+
+    def _serve_early(self) -> None:
+        assert self._tasks.group is not None
+        for reader, writer in self._early:
+            self._tasks.group.create_task(self._serve(reader, writer))
+        self._early.clear()
 
     def _stop_listening(self) -> None:
         if self._server is not None:
@@ -184,11 +183,12 @@ class FastLaneServer:
             writer.transport.abort()
             return
         self.waiting += 1
-        if self._group is None:
+        group = self._tasks.group
+        if group is None:
             self._early.append((reader, writer))  # run() serves them when it starts
             return
         try:
-            self._group.create_task(self._serve(reader, writer))
+            group.create_task(self._serve(reader, writer))
         except RuntimeError:  # the group is ending: so is this server
             self.waiting -= 1
             writer.transport.abort()

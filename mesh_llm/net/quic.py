@@ -40,6 +40,7 @@ from mesh_llm.net import refusals
 
 # QuicStream is re-exported: modules that use the endpoint import it from here too.
 from mesh_llm.net.quic_stream import QuicStream as QuicStream
+from mesh_llm.tasks import OwnedTasks
 from mesh_llm.wire.messages import ALPN, RefuseCode, StreamType
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ class QuicEndpoint(asyncio.DatagramProtocol):
         self._connections: dict[bytes, QuicPeerConnection] = {}
         self._transport: asyncio.DatagramTransport | None = None
         self._accept_handler: Callable[[QuicPeerConnection], None] | None = None
-        self._group: asyncio.TaskGroup | None = None  # one task per stream a peer opens
+        self._tasks = OwnedTasks()  # one task per stream a peer opens
         self._pending: list[tuple[QuicPeerConnection, QuicStream]] = []
         self._sock: socket.socket | None = None  # with IP_RECVERR: refused packets reported
         self._on_refused: Refused | None = None
@@ -184,22 +185,21 @@ class QuicEndpoint(asyncio.DatagramProtocol):
 
     async def run(self) -> None:
         """Serve the streams peers open until cancelled (then those handlers are cancelled)."""
-        try:
-            async with asyncio.TaskGroup() as group:
-                self._group = group
-                for connection, stream in self._pending:
-                    group.create_task(self._dispatch(connection, stream))
-                self._pending.clear()
-                await asyncio.Event().wait()  # until cancelled
-        finally:
-            self._group = None
+        await self._tasks.hold(on_start=self._serve_pending)
+
+    def _serve_pending(self) -> None:
+        assert self._tasks.group is not None
+        for connection, stream in self._pending:
+            self._tasks.group.create_task(self._dispatch(connection, stream))
+        self._pending.clear()
 
     def _stream_opened(self, connection: QuicPeerConnection, stream: QuicStream) -> None:
-        if self._group is None:
+        group = self._tasks.group
+        if group is None:
             self._pending.append((connection, stream))  # run() serves it when it starts
             return
         try:
-            self._group.create_task(self._dispatch(connection, stream))
+            group.create_task(self._dispatch(connection, stream))
         except RuntimeError:  # the group is ending: so is this endpoint
             stream.reset(RefuseCode.SHUTTING_DOWN)
 
