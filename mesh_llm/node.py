@@ -104,7 +104,7 @@ class Node:
         self.api_url = f"http://{config.api.host}:{config.api.port}/v1"
         self._shutdown: asyncio.Event | None = None
         self._proxy: Proxy | None = None  # the API's router, shared by the console's chat
-        self._demand = DemandMeter()
+        self._demand = DemandMeter(config.demand_half_life_s)
         self._drain = Drain()  # API requests in flight, local and for other nodes
         self._drops = Drops(
             config,
@@ -192,7 +192,10 @@ class Node:
         core = None
         if not config.client:
             cap = max_vram_bytes(config)
-            self._hardware = await run_in_daemon_thread(lambda: detect_hardware(max_vram_bytes=cap))
+            probe_s = config.backend.rocm_smi_timeout_s
+            self._hardware = await run_in_daemon_thread(
+                lambda: detect_hardware(max_vram_bytes=cap, rocm_smi_timeout_s=probe_s)
+            )
             core = MeshCore(await self._initial_record(), config.mesh, random.Random(), _now())
         self.peers = PeerManager(
             self.identity,
@@ -426,7 +429,7 @@ class Node:
 
     async def _start_console(self) -> web.AppRunner:
         console = create_console_app(
-            self, proxy=lambda: self._proxy, headless=self._config.headless
+            self, proxy=lambda: self._proxy, headless=self._config.headless, config=self._config
         )
         # handler_cancellation: the page's stop button aborts its chat request, which cancels
         # the proxied request (the host's slot frees), as for an API client that goes away.

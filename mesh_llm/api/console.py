@@ -3,7 +3,8 @@
 `GET /api/status` answers a JSON snapshot of what the node sees (itself, its peers, its models)
 plus `view`, the page's data (`console_view`); `mesh-llm status` reads it. `GET /api/events` is
 a server-sent event stream: a `snapshot` (status and recent events) at connect, then `status`
-whenever the view changed and at least every `STATUS_INTERVAL_S`, and an `event` for every mesh
+whenever the view changed (checked every `console_change_poll_s`) and at least every
+`console_status_interval_s` (both from the node's config), and an `event` for every mesh
 event logged (`console_events`). `POST /api/chat` takes an OpenAI chat body and goes through the
 API's own `Proxy` (the same routing, failover, admission and errors as `/v1/chat/completions`).
 `GET /` serves the static page from the package's `console/` files unless the node is headless
@@ -26,6 +27,7 @@ from mesh_llm.api.console_view import console_view
 from mesh_llm.api.openai import CHAT_PATH, error_body, validate_request
 from mesh_llm.api.proxy import Proxy, json_error
 from mesh_llm.api.request_id import request_id_of
+from mesh_llm.config import Config
 from mesh_llm.errors import InvalidRequest
 
 # The page ships inside the package (`mesh_llm/console` links to the top-level `console/` in a
@@ -35,8 +37,6 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
     "frame-ancestors 'none'; form-action 'self'"
 )
-STATUS_INTERVAL_S = 2.0  # a status event at least this often, even when nothing changed
-CHANGE_POLL_S = 0.5  # how often a stream compares the view with what it sent last
 HUB_KEY = web.AppKey("events", EventHub)
 
 
@@ -48,9 +48,15 @@ ProxyOf = Callable[[], Proxy | None]
 
 
 def create_console_app(
-    source: StatusSource, *, proxy: ProxyOf | None = None, headless: bool = False
+    source: StatusSource,
+    *,
+    proxy: ProxyOf | None = None,
+    headless: bool = False,
+    config: Config | None = None,
 ) -> web.Application:
-    """The console app; `proxy` gives the API's `Proxy` once the API is up (None before)."""
+    """The console app; `proxy` gives the API's `Proxy` once the API is up (None before);
+    `config` (None: the defaults) the event stream's intervals."""
+    config = config or Config()
     app = web.Application()
     app[HUB_KEY] = EventHub()
 
@@ -64,7 +70,7 @@ def create_console_app(
     app.cleanup_ctx.append(events_from_logs)
     app.on_shutdown.append(end_streams)
     app.on_response_prepare.append(_secure)
-    console = _Console(source, proxy or (lambda: None), app[HUB_KEY])
+    console = _Console(source, proxy or (lambda: None), app[HUB_KEY], config)
     app.router.add_get("/api/status", console.status)
     app.router.add_get("/api/events", console.events)
     app.router.add_post("/api/chat", console.chat)
@@ -83,10 +89,12 @@ async def _secure(request: web.Request, response: web.StreamResponse) -> None:
 
 
 class _Console:
-    def __init__(self, source: StatusSource, proxy: ProxyOf, hub: EventHub) -> None:
+    def __init__(self, source: StatusSource, proxy: ProxyOf, hub: EventHub, config: Config) -> None:
         self._source = source
         self._proxy = proxy
         self._hub = hub
+        self._status_interval_s = config.console_status_interval_s
+        self._change_poll_s = config.console_change_poll_s
 
     def _status(self) -> dict[str, Any]:
         status = self._source.status()
@@ -112,12 +120,12 @@ class _Console:
             await _send(response, "snapshot", {"status": status, "events": self._hub.recent()})
             sent_view, sent_at = status["view"], loop.time()
             while not self._hub.closed:
-                event = await subscription.next(CHANGE_POLL_S)
+                event = await subscription.next(self._change_poll_s)
                 if event is not None:
                     await _send(response, "event", event)
                     continue
                 status = self._status()
-                if status["view"] != sent_view or loop.time() - sent_at >= STATUS_INTERVAL_S:
+                if status["view"] != sent_view or loop.time() - sent_at >= self._status_interval_s:
                     await _send(response, "status", status)
                     sent_view, sent_at = status["view"], loop.time()
         return response

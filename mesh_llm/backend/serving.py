@@ -124,7 +124,13 @@ class ModelServer:
             spec, models_dir, cache = self.spec, self._config.models_dir, self._config.cache_dir
             progress = ProgressLog(spec, self._config.backend)
             model = await run_in_daemon_thread(
-                lambda: resolve_model(spec, models_dir, progress=progress, cache_dir=cache)
+                lambda: resolve_model(
+                    spec,
+                    models_dir,
+                    progress=progress,
+                    cache_dir=cache,
+                    timeouts=self._config.backend,
+                )
             )
             self.model = model
             names = {self.spec, self.model.path.name, self.model.path.stem}

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mesh_llm.config import BackendConfig
+
+_DEFAULTS = BackendConfig()  # the timeout of callers that pass none
 BuildBackend = Literal["cpu", "cuda", "rocm", "vulkan", "metal"]
 PORTABLE_CPU_FLAGS = (
     "-DGGML_NATIVE=OFF",
@@ -38,7 +41,6 @@ _GPU_FLAGS: dict[BuildBackend, tuple[str, ...]] = {
     "metal": ("-DGGML_METAL=ON",),
 }
 VULKAN_HEADER = Path("/usr/include/vulkan/vulkan.h")
-LIST_DEVICES_TIMEOUT_S = 10.0
 _DEVICE_LINE = re.compile(r"^\s*(CUDA|ROCm|HIP|Vulkan|Metal|MTL)\d*\s*:", re.MULTILINE)
 _DEVICE_BACKEND: dict[str, BuildBackend] = {
     "CUDA": "cuda",
@@ -120,8 +122,11 @@ def parse_list_devices(output: str) -> BuildBackend:
     return "cpu" if match is None else _DEVICE_BACKEND[match.group(1)]
 
 
-def binaries_backend(llama_server: Path) -> BuildBackend | None:
-    """The backend the binaries were built with: build-info.json, else their device list."""
+def binaries_backend(
+    llama_server: Path, list_devices_timeout_s: float = _DEFAULTS.list_devices_timeout_s
+) -> BuildBackend | None:
+    """The backend the binaries were built with: build-info.json, else their device list
+    (`llama-server --list-devices`, given up after `list_devices_timeout_s`)."""
     with contextlib.suppress(OSError, ValueError):
         info = json.loads((llama_server.parent / "build-info.json").read_text("utf-8"))
         if info.get("backend") in _GPU_FLAGS:
@@ -132,7 +137,7 @@ def binaries_backend(llama_server: Path) -> BuildBackend | None:
             [str(llama_server), "--list-devices"],
             capture_output=True,
             text=True,
-            timeout=LIST_DEVICES_TIMEOUT_S,
+            timeout=list_devices_timeout_s,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired):

@@ -1,9 +1,10 @@
 """Request demand per model: an exponentially decayed rate, gossiped in each node's record.
 
 Each node counts the API requests it receives per model (`observe`) and publishes the rate in
-requests per minute (`rates`), decayed with a time constant of `DEMAND_HALF_LIFE_S`, so a burst
-fades within minutes. The placement logic sums the rates of all records to prefer, when a
-standby node is promoted, the wanted model with the most demand. Sans-I/O: time is an input.
+requests per minute (`rates`), decayed with the half-life it is given (`demand_half_life_s` of
+the node's config, a minute by default), so a burst fades within minutes. The placement logic
+sums the rates of all records to prefer, when a standby node is promoted, the wanted model with
+the most demand. Sans-I/O: time is an input.
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-DEMAND_HALF_LIFE_S = 60.0
 DEMAND_FLOOR_PER_MIN = 0.01  # rates below this are dropped from the record
-_DECAY_PER_S = math.log(2) / DEMAND_HALF_LIFE_S
 
 
 @dataclass(slots=True)
 class DemandMeter:
     """Decayed request counts per model (the rate is count × decay constant, per minute)."""
 
+    half_life_s: float
     _level: dict[str, float] = field(default_factory=dict)
     _at: float = 0.0
+    _decay_per_s: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        self._decay_per_s = math.log(2) / self.half_life_s
 
     def observe(self, model: str, now: float) -> None:
         self._decay(now)
@@ -31,13 +35,15 @@ class DemandMeter:
     def rates(self, now: float) -> dict[str, float]:
         """Requests per minute per model, rounded to 2 decimals; tiny rates are left out."""
         self._decay(now)
-        per_min = {m: round(level * _DECAY_PER_S * 60.0, 2) for m, level in self._level.items()}
+        per_min = {
+            m: round(level * self._decay_per_s * 60.0, 2) for m, level in self._level.items()
+        }
         return {m: rate for m, rate in per_min.items() if rate >= DEMAND_FLOOR_PER_MIN}
 
     def _decay(self, now: float) -> None:
         if now <= self._at:
             return
-        factor = math.exp(-_DECAY_PER_S * (now - self._at))
+        factor = math.exp(-self._decay_per_s * (now - self._at))
         self._level = {m: v * factor for m, v in self._level.items() if v * factor > 1e-6}
         self._at = now
 

@@ -87,7 +87,11 @@ def download_model(config: Config, name: str, console: Console) -> int:
     """
     with rich_progress(name, console=console) as progress:
         model = resolve_model(
-            name, config.models_dir, progress=progress, cache_dir=config.cache_dir
+            name,
+            config.models_dir,
+            progress=progress,
+            cache_dir=config.cache_dir,
+            timeouts=config.backend,
         )
     size = _format_size(model.size_bytes, exact=True)
     console.print(f"{model.name}: {model.path} ({size})", soft_wrap=True)

@@ -27,6 +27,7 @@ from huggingface_hub import hf_hub_url
 from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # lazy export
 
 from mesh_llm import __version__
+from mesh_llm.config import BackendConfig
 from mesh_llm.errors import DownloadError
 from mesh_llm.models.progress import ProgressCallback, rich_progress
 
@@ -46,7 +47,7 @@ ALTERNATIVES = (
 )
 _CHUNK_BYTES = 1024 * 1024
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-DEFAULT_TIMEOUT_S = 30.0
+_DEFAULTS = BackendConfig()  # the timeout of callers that pass none
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,7 @@ def download_from_hub(
     endpoint: str | None = None,
     sha256: str | None = None,
     progress: ProgressCallback | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    timeout_s: float = _DEFAULTS.download_timeout_s,
 ) -> Path:
     """Download `filename` of the Hub model repo `repo` into `dest_dir/<basename>`; return it.
 
@@ -99,7 +100,7 @@ def download_url(
     sha256: str | None = None,
     progress: ProgressCallback | None = None,
     headers: dict[str, str] | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    timeout_s: float = _DEFAULTS.download_timeout_s,
 ) -> Path:
     """Download `url` to `dest`, resuming `<dest>.part` if present; return `dest`.
 

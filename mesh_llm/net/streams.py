@@ -6,8 +6,8 @@ stream, `net/fastlane.py`) and QUIC (one stream of the peer's QUIC connection, `
 framing above them never ask which lane they are on; `lane` names it for status only. Errors
 of either transport come out as `StreamReset` (a `MeshError`): translated here, at the
 boundary. Writes are bounded by `drain()` (the kernel's socket buffer, or our own limit of
-unacknowledged QUIC bytes: aioquic has no backpressure). Imports aioquic only through
-`net/quic.py`.
+unacknowledged QUIC bytes: aioquic has no backpressure). Imports no aioquic: a QUIC stream is
+a `QuicStream` of `net/quic_stream.py`.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from typing import Literal, Protocol
 
 from mesh_llm.errors import StreamReset
 from mesh_llm.net.fastlane import close_and_wait
-from mesh_llm.net.quic import QuicStream
+from mesh_llm.net.quic_stream import QuicStream
 from mesh_llm.wire.messages import RefuseCode
 
 Lane = Literal["fast", "quic", "relay"]
 READ_CHUNK_BYTES = 256 * 1024
 # A QUIC writer waits while more than this is written but unacknowledged. Below the receiver's
-# per-stream buffer cap (quic.MAX_STREAM_BUFFER_BYTES), which resets a stream that overflows.
+# per-stream buffer cap (quic_stream.MAX_STREAM_BUFFER_BYTES), which resets a stream that
+# overflows.
 QUIC_MAX_UNSENT_BYTES = 2 * 1024 * 1024
 
 

@@ -25,6 +25,7 @@ from mesh_llm.errors import PeerUnavailable, StreamReset
 from mesh_llm.net.fastlane import STREAM_LIMIT_BYTES, close_and_wait, set_no_delay
 from mesh_llm.net.streams import ByteStream
 from mesh_llm.net.transport import Handler
+from mesh_llm.tasks import OwnedTasks
 from mesh_llm.wire.messages import StreamType
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class RpcTunnelListener:
         self._dialer = dialer
         self.worker = worker
         self._server: asyncio.Server | None = None
-        self._group: asyncio.TaskGroup | None = None
+        self._tasks = OwnedTasks()  # one task per session
         self._pending: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.sessions = 0  # in progress now
         self.counters = TunnelCounters(lane="none", reason="no session yet")
@@ -194,29 +195,28 @@ class RpcTunnelListener:
     async def run(self) -> None:
         """Relay sessions until cancelled; then stop listening and end every session."""
         try:
-            async with asyncio.TaskGroup() as group:
-                self._group = group
-                for reader, writer in self._pending:
-                    group.create_task(self._serve(reader, writer))
-                self._pending.clear()
-                try:
-                    await asyncio.Event().wait()  # until cancelled
-                finally:
-                    self._stop_listening()  # no new session while the group ends
+            # No new session while the group ends: stop listening when cancelled.
+            await self._tasks.hold(on_start=self._serve_pending, on_stop=self._stop_listening)
         finally:
-            self._group = None
             self._stop_listening()
+
+    def _serve_pending(self) -> None:
+        assert self._tasks.group is not None
+        for reader, writer in self._pending:
+            self._tasks.group.create_task(self._serve(reader, writer))
+        self._pending.clear()
 
     def _stop_listening(self) -> None:
         if self._server is not None:
             self._server.close()
 
     def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._group is None:
+        group = self._tasks.group
+        if group is None:
             self._pending.append((reader, writer))  # run() serves them when it starts
             return
         try:
-            self._group.create_task(self._serve(reader, writer))
+            group.create_task(self._serve(reader, writer))
         except RuntimeError:  # the group is ending: so is this listener
             writer.close()
 
@@ -247,19 +247,15 @@ class RpcTunnels:
     def __init__(self, dialer: Dialer) -> None:
         self._dialer = dialer
         self._listeners: dict[NodeId, tuple[RpcTunnelListener, asyncio.Task[None]]] = {}
-        self._group: asyncio.TaskGroup | None = None
+        self._tasks = OwnedTasks()  # one task per listener
         self._running = asyncio.Event()
 
     async def run(self) -> None:
         """Own the listeners until cancelled (then they end with their sessions)."""
         try:
-            async with asyncio.TaskGroup() as group:
-                self._group = group
-                self._running.set()
-                await asyncio.Event().wait()  # until cancelled
+            await self._tasks.hold(on_start=self._running.set)
         finally:
             self._running.clear()
-            self._group = None
             self._listeners.clear()
 
     async def open(self, worker: NodeId) -> int:
@@ -269,12 +265,12 @@ class RpcTunnels:
         if known is not None:
             return known[0].port
         await self._running.wait()
-        assert self._group is not None
+        assert self._tasks.group is not None
         known = self._listeners.get(worker)  # opened by another caller meanwhile
         if known is not None:
             return known[0].port
         listener = await RpcTunnelListener.start(self._dialer, worker)
-        self._listeners[worker] = (listener, self._group.create_task(listener.run()))
+        self._listeners[worker] = (listener, self._tasks.group.create_task(listener.run()))
         return listener.port
 
     async def close(self, worker: NodeId) -> None:

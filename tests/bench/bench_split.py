@@ -54,7 +54,8 @@ from mesh_llm.identity import NodeIdentity
 from mesh_llm.models.demo import install_demo_model
 from mesh_llm.models.gguf import read_gguf_info
 from mesh_llm.net.fastlane import FastLaneServer
-from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
+from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection
+from mesh_llm.net.quic_stream import QuicStream
 from mesh_llm.net.streams import QuicByteStream, TcpByteStream
 from mesh_llm.net.transport import PeerTransport
 from mesh_llm.net.tunnel import RpcTunnelListener, rpc_worker_handler

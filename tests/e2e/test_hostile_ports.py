@@ -37,7 +37,8 @@ from aioquic.quic.events import QuicEvent, StreamDataReceived
 from mesh_llm.backend.build import Binaries
 from mesh_llm.identity import MeshSecret, NodeIdentity
 from mesh_llm.net.hello import FramedChannel, admit_outbound
-from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
+from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection
+from mesh_llm.net.quic_stream import QuicStream
 from mesh_llm.token import decode_token
 from mesh_llm.wire.messages import ALPN, RefuseCode, StreamType
 from tests.e2e.harness import MeshProcess, http_status, wait_until

@@ -21,7 +21,8 @@ from mesh_llm.config import NetConfig
 from mesh_llm.errors import AdmissionRefused, PeerUnavailable
 from mesh_llm.identity import NodeIdentity, new_mesh
 from mesh_llm.net.links import dial_link
-from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
+from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection
+from mesh_llm.net.quic_stream import QuicStream
 from mesh_llm.wire.messages import RefuseCode, StreamType
 from tests.fakes.waiting import wait_until
 from tests.integration.test_peers import Running

@@ -30,7 +30,8 @@ from mesh_llm.core.types import ModelName, NodeId
 from mesh_llm.identity import NodeIdentity
 from mesh_llm.net.fastlane import FastLaneServer, fast_lane_connect
 from mesh_llm.net.http_peer import HttpPeerClient, PeerResponse
-from mesh_llm.net.quic import QuicPeerConnection, QuicStream
+from mesh_llm.net.quic import QuicPeerConnection
+from mesh_llm.net.quic_stream import QuicStream
 from mesh_llm.net.streams import TcpByteStream
 from mesh_llm.net.transport import PeerTransport
 from mesh_llm.wire.messages import HttpRequestHead, NodeRecord, StreamType

@@ -19,7 +19,8 @@ from mesh_llm.errors import StreamReset
 from mesh_llm.identity import NodeIdentity
 from mesh_llm.net.fastlane import FastLaneServer
 from mesh_llm.net.http_peer import HttpPeerClient, ResponseWriter, serve_http
-from mesh_llm.net.quic import QuicPeerConnection, QuicStream
+from mesh_llm.net.quic import QuicPeerConnection
+from mesh_llm.net.quic_stream import QuicStream
 from mesh_llm.net.streams import ByteStream, QuicByteStream, TcpByteStream
 from mesh_llm.net.transport import PeerTransport
 from mesh_llm.wire.messages import HttpRequestHead, NodeRecord, RefuseCode, StreamType

@@ -18,7 +18,8 @@ from mesh_llm.identity import MeshSecret, NodeIdentity, new_mesh
 from mesh_llm.net.hello import FramedChannel, admit_outbound
 from mesh_llm.net.http_peer import HttpPeerClient
 from mesh_llm.net.peers import PeerManager
-from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
+from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection
+from mesh_llm.net.quic_stream import QuicStream
 from mesh_llm.net.transport import PeerTransport, StreamHandlers
 from mesh_llm.token import InviteToken
 from mesh_llm.wire.messages import NodeRecord, RefuseCode, StreamType

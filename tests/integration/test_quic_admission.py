@@ -18,7 +18,8 @@ from mesh_llm.net.hello import (
     admit_inbound,
     admit_outbound,
 )
-from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
+from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection
+from mesh_llm.net.quic_stream import QuicStream
 from mesh_llm.wire.codec import encode_frame
 from mesh_llm.wire.messages import (
     NONCE_BYTES,

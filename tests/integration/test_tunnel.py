@@ -23,7 +23,8 @@ from mesh_llm.errors import ProtocolError
 from mesh_llm.identity import NodeIdentity
 from mesh_llm.models.demo import install_demo_model
 from mesh_llm.net.fastlane import ConnectionHandler, FastLaneServer, fast_lane_connect
-from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
+from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection
+from mesh_llm.net.quic_stream import QuicStream
 from mesh_llm.net.streams import QuicByteStream, TcpByteStream
 from mesh_llm.net.transport import Handler, PeerTransport, fast_lane_addr_of
 from mesh_llm.net.tunnel import RpcTunnelListener, RpcTunnels, rpc_worker_handler

@@ -206,15 +206,17 @@ def test_assignment_prefers_the_wanted_model_with_the_most_demand() -> None:
 
 
 def test_demand_meter_decays_and_flags_changes() -> None:
-    from mesh_llm.core.demand import DEMAND_HALF_LIFE_S, DemandMeter, rates_changed
+    from mesh_llm.config import Config
+    from mesh_llm.core.demand import DemandMeter, rates_changed
 
-    meter = DemandMeter()
+    half_life_s = Config().demand_half_life_s
+    meter = DemandMeter(half_life_s)
     for i in range(10):
         meter.observe("m", float(i))
     now = rates = meter.rates(10.0)
     assert 5.0 < rates["m"] < 7.0  # ~10 requests in the last 10 s, smoothed over minutes
-    later = meter.rates(10.0 + DEMAND_HALF_LIFE_S)
+    later = meter.rates(10.0 + half_life_s)
     assert later["m"] == pytest.approx(rates["m"] / 2, rel=0.02)
-    assert meter.rates(10.0 + 20 * DEMAND_HALF_LIFE_S) == {}
+    assert meter.rates(10.0 + 20 * half_life_s) == {}
     assert rates_changed(now, later) and not rates_changed(now, dict(now))
     assert rates_changed({}, {"m": 1.0})
