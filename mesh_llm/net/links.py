@@ -5,9 +5,10 @@ runs the hello as the dialer (it proves this node's key and the mesh secret, and
 peer's). `Links` is the table of admitted links by node id: `register` adopts a new link
 unless a better one to the same peer exists (when two nodes dial each other at once, the
 connection dialed by the lower node id survives), `read` reads a link's control stream until
-it ends and then drops it, and `no_links` is set while the table is empty (the join loop waits
-on it). Adopting and dropping a link are reported through
-the `on_up`/`on_down` callbacks (the mesh core's `link_up`/`link_down`).
+it ends and then drops it, and `no_links` is set while the table is empty: `keep_joined`,
+the join loop, waits on it and then dials the invite token's node again, with backoff.
+Adopting and dropping a link are reported through the `on_up`/`on_down` callbacks (the mesh
+core's `link_up`/`link_down`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -22,6 +24,7 @@ from mesh_llm.config import NetConfig
 from mesh_llm.core.types import NodeId, short_id
 from mesh_llm.errors import (
     DecodeError,
+    MeshError,
     PeerUnavailable,
     ProtocolError,
     StreamReset,
@@ -29,7 +32,7 @@ from mesh_llm.errors import (
 from mesh_llm.identity import MeshSecret, NodeIdentity
 from mesh_llm.net.hello import FramedChannel, admit_outbound
 from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection
-from mesh_llm.token import parse_addr
+from mesh_llm.token import InviteToken, parse_addr
 from mesh_llm.wire.messages import Message, RefuseCode, StreamType
 
 log = logging.getLogger(__name__)
@@ -251,3 +254,34 @@ class Links:
     def _update_no_links(self) -> None:
         if not self._table:
             self.no_links.set()
+
+
+async def keep_joined(
+    token: InviteToken,
+    links: Links,
+    dial: Callable[[tuple[str, ...], NodeId], Awaitable[Link]],
+    joined: Callable[[Link], Awaitable[None]],
+    timings: NetConfig,
+    rng: random.Random,
+) -> None:
+    """Dial the token's node whenever `links` is empty, and serve the link made (`joined`)
+    until it ends; failed dials back off from `join_backoff_initial_s` to `join_backoff_max_s`
+    (jittered ×0.5–1.5). Runs until cancelled."""
+    backoff = timings.join_backoff_initial_s
+    peer = NodeId(token.node_id)
+    while True:
+        await links.no_links.wait()
+        try:
+            link = await dial(token.addrs, peer)
+        except ProtocolError as exc:
+            log.error(
+                "join refused by %s: %s", short_id(peer), exc, extra={"event": "join_refused"}
+            )
+        except MeshError as exc:
+            log.info("join: %s unreachable (%s); retrying in %.0f s", short_id(peer), exc, backoff)
+        else:
+            backoff = timings.join_backoff_initial_s
+            await joined(link)
+            continue
+        await asyncio.sleep(backoff * (0.5 + rng.random()))
+        backoff = min(backoff * 2, timings.join_backoff_max_s)

@@ -29,13 +29,14 @@ from mesh_llm.core.events import (
 )
 from mesh_llm.core.mesh import MeshCore
 from mesh_llm.core.types import NodeId, short_id
-from mesh_llm.errors import MeshError, PeerUnavailable, ProtocolError, StreamReset
+from mesh_llm.errors import MeshError, PeerUnavailable, StreamReset
 from mesh_llm.identity import MeshSecret, NodeIdentity
 from mesh_llm.net.hello import FramedChannel
 from mesh_llm.net.incoming import Incoming
-from mesh_llm.net.links import Link, Links, dial_link
+from mesh_llm.net.links import Link, Links, dial_link, keep_joined
 from mesh_llm.net.peer_report import log_mesh_event, member_row, route_row
 from mesh_llm.net.quic import QuicEndpoint, QuicPeerConnection, QuicStream
+from mesh_llm.net.relay import rank_relays
 from mesh_llm.net.route_puller import RoutePuller, RouteTable
 from mesh_llm.net.streams import ByteStream, QuicByteStream
 from mesh_llm.token import InviteToken
@@ -334,19 +335,9 @@ class PeerManager:
         return kind is not StreamType.RELAYED or peer in self._core.records()
 
     def relay_candidates(self, target: NodeId) -> list[NodeId]:
-        """Linked nodes that may relay to `target`: those whose record shows an RTT to it
-        (they link it) first, then the other linked nodes."""
-
-        def links_target(node: NodeId) -> bool:
-            record = self.record_of(node)
-            return record is not None and target in record.rtt_ms
-
-        linked = [
-            link.node_id
-            for link in self._links
-            if link.node_id != target and not link.connection.is_closed
-        ]
-        return sorted(linked, key=lambda node: (not links_target(node), node))
+        """Linked nodes that may relay to `target`, most likely first."""
+        linked = [link.node_id for link in self._links if not link.connection.is_closed]
+        return rank_relays(target, linked, self.record_of)
 
     async def _accept_control(self, connection: QuicPeerConnection, channel: FramedChannel) -> None:
         if self._stopping:
@@ -396,29 +387,7 @@ class PeerManager:
 
     async def _join_loop(self, token: InviteToken) -> None:
         """Keep trying the token's node whenever this node has no live peer (rejoin)."""
-        backoff = self._timings.join_backoff_initial_s
-        peer = NodeId(token.node_id)
-        while True:
-            await self._links.no_links.wait()
-            try:
-                link = await self._dial(token.addrs, peer)
-            except ProtocolError as exc:
-                log.error(
-                    "join refused by %s: %s",
-                    short_id(peer),
-                    exc,
-                    extra={"event": "join_refused"},
-                )
-            except MeshError as exc:
-                log.info(
-                    "join: %s unreachable (%s); retrying in %.0f s", short_id(peer), exc, backoff
-                )
-            else:
-                backoff = self._timings.join_backoff_initial_s
-                await self._joined(link)
-                continue
-            await asyncio.sleep(backoff * (0.5 + self._rng.random()))
-            backoff = min(backoff * 2, self._timings.join_backoff_max_s)
+        await keep_joined(token, self._links, self._dial, self._joined, self._timings, self._rng)
 
     async def _joined(self, link: Link) -> None:
         """Serve the link made through a token until it ends (a client pulls routes on it)."""

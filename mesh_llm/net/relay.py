@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 from mesh_llm.core.types import NodeId, short_id
@@ -36,7 +36,7 @@ from mesh_llm.identity import MeshSecret, NodeIdentity, is_node_id
 from mesh_llm.net.quic import QuicPeerConnection
 from mesh_llm.net.sealed import seal_initiator, seal_responder
 from mesh_llm.net.streams import ByteStream, QuicByteStream
-from mesh_llm.wire.messages import RefuseCode, StreamType
+from mesh_llm.wire.messages import NodeRecord, RefuseCode, StreamType
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,20 @@ class RelayLinks(Protocol):
     def relay_candidates(self, target: NodeId) -> list[NodeId]:
         """Linked nodes that may reach `target`, most likely first."""
         ...
+
+
+def rank_relays(
+    target: NodeId, linked: Iterable[NodeId], record_of: Callable[[NodeId], NodeRecord | None]
+) -> list[NodeId]:
+    """The linked nodes that may relay to `target`: those whose record shows an RTT to it
+    (they link it) first, then the others."""
+
+    def links_target(node: NodeId) -> bool:
+        record = record_of(node)
+        return record is not None and target in record.rtt_ms
+
+    candidates = [node for node in linked if node != target]
+    return sorted(candidates, key=lambda node: (not links_target(node), node))
 
 
 def _header(node: NodeId, purpose: StreamType) -> bytes:
