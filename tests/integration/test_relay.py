@@ -16,7 +16,7 @@ import pytest
 from mesh_llm.config import NetConfig
 from mesh_llm.core.mesh import MeshCore, MeshTimings
 from mesh_llm.core.types import NodeId
-from mesh_llm.errors import PeerUnavailable
+from mesh_llm.errors import PeerUnavailable, StreamReset
 from mesh_llm.identity import MeshSecret, NodeIdentity, new_mesh
 from mesh_llm.net.peers import PeerManager
 from mesh_llm.net.relay import RelayHop
@@ -145,3 +145,31 @@ async def test_a_relay_without_a_link_to_the_target_refuses(
     with pytest.raises(PeerUnavailable, match="NO_ROUTE"):
         await a.relay.open(stranger, StreamType.HTTP)
     assert seed.relay.relayed["refused"] == 1
+
+
+async def test_an_abort_at_the_opener_reaches_the_target_through_the_relay(
+    three: tuple[Shell, Shell, Shell],
+) -> None:
+    """A client that goes away mid-request: the host's handler must see its stream fail (that
+    is what cancels the llama-server request), and the relay lets both streams go."""
+    seed, a, b = three
+    failed, started = asyncio.Event(), asyncio.Event()
+
+    async def hold(stream: ByteStream, peer: NodeId) -> None:
+        started.set()
+        try:
+            while await stream.read():
+                pass
+        except StreamReset:
+            failed.set()
+            raise
+
+    b.handlers.serve(StreamType.HTTP, hold)
+    stream = await a.transport.open(b.node_id, StreamType.HTTP)
+    stream.write(b"a request that is never finished")
+    await stream.drain()
+    await asyncio.wait_for(started.wait(), 5.0)  # the handshake is done, the host is serving
+    assert seed.relay.relaying == 1
+    stream.abort()
+    await asyncio.wait_for(failed.wait(), 5.0)
+    await wait_until(lambda: seed.relay.relaying == 0, "the relay let both streams go")
