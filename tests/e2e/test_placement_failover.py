@@ -30,7 +30,7 @@ pytestmark = pytest.mark.e2e
 MODEL = GEMMA.name  # split tests use the bigger of the two real models
 SPLIT_TIMEOUT_S = 120.0
 READY_TIMEOUT_S = 240.0
-DEAD_AND_REPLAN_S = 60.0  # 10 s of silence ⇒ dead, then a solo load
+DEAD_AND_REPLAN_S = 60.0  # dead (refused probes, or 5 s of silence), then a solo load
 GOSSIP_WINDOW_S = 8.0  # several gossip rounds (2 s) and re-plans with nothing to change
 STARTED = "llama-server started"
 
