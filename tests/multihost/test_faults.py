@@ -106,7 +106,10 @@ def test_host_lost_without_fin_under_load(lab: Lab, mesh: LabMesh) -> None:
 
     load = ChatLoad(entry, SMOLLM2.name, workers=2).start()
     try:
-        time.sleep(10)  # a steady load before the fault (the scenario, not a wait for state)
+        # A steady load before the fault: at least 10 s, and until some requests are done (two
+        # llama-servers generating at once on a 2-core machine can take seconds per request).
+        time.sleep(10)
+        wait_until(lambda: len(load.outcomes) >= 4, 120, "requests done before the fault")
         lab.link_down(b)
         lost = time.monotonic()
         wait_until(partial(_buried, seed, {replica_id}), DETECTION_BOUND_S, "a: b dead")
